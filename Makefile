@@ -1,0 +1,46 @@
+# Batch zero-shot image classification with CLIP / Chinese-CLIP.
+# Every target that runs code depends on the install stamp, so each works as the first command on a fresh clone.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+# Shell-quote a Make variable: 'it'\''s' survives spaces, quotes and Unicode.
+sq = '$(subst ','\'',$(1))'
+# Emit "--flag 'value'" only when the value is set.
+flag = $(if $(2),$(1) $(call sq,$(2)))
+
+.DEFAULT_GOAL := help
+.PHONY: help install demo test classify clean
+
+help: ## List the targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  %-12s %s\n", $$1, $$2}'
+
+install: $(STAMP) ## Create .venv with the project (editable) and its test extras
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# Exact version first: pip takes the CPU wheel from this disk, never a CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+demo: $(STAMP) ## Classify the bundled sample images with the bundled tiny model
+	$(PY) jobs/classify.py dataset=sample model=tiny_clip labels=shapes
+
+test: $(STAMP) ## Run the whole test suite
+	$(PY) -m pytest -q
+
+classify: $(STAMP) ## make classify DATASET=dir|IMAGE=file MODEL=dir [LABELS=file|LABEL_LIST="a,b"] [TEMPLATE=..] [OUT=dir] [DEVICE=..] [DTYPE=..] [BATCH=n] [TOPK=n] [CACHE=dir] [ARGS=..]
+	$(PY) jobs/classify.py \
+	  $(call flag,--dataset_path,$(DATASET)) $(call flag,--input_image,$(IMAGE)) \
+	  $(call flag,--model_path,$(MODEL)) $(call flag,--label_file,$(LABELS)) \
+	  $(call flag,--label_list,$(LABEL_LIST)) $(call flag,--input_text,$(TEMPLATE)) \
+	  $(call flag,--results_save_path,$(OUT)) $(call flag,--device,$(DEVICE)) \
+	  $(call flag,--dtype,$(DTYPE)) $(call flag,--batch_size,$(BATCH)) \
+	  $(call flag,--topk,$(TOPK)) $(call flag,--cache_dir,$(CACHE)) $(ARGS)
+
+clean: ## Remove run outputs and the cache (keeps .venv)
+	rm -rf outputs/runs outputs/multirun outputs/cache

@@ -1,0 +1,1 @@
+"""Batch zero-shot image classification pipeline."""

@@ -1,0 +1,153 @@
+"""Structured-config schema (Hydra ConfigStore) and the command-line flags of the vendor example.
+
+The dataclasses are the schema: `conf/` YAML files and command-line overrides are merged into them, so an
+unknown key or a wrong type (e.g. `device.type=gpu`, `encode.batch_size=abc`) fails at start-up.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
+
+from .discovery import DEFAULT_EXTENSIONS
+from .imaging import DEFAULT_MAX_PIXELS
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class DeviceType(enum.Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+    npu = "npu"
+
+
+class DType(enum.Enum):
+    fp32 = "fp32"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
+@dataclass
+class ModelConfig:
+    path: str = MISSING  # local Hugging Face folder: config.json, *.safetensors, tokenizer, preprocessor
+    name: Optional[str] = None  # shown in reports; defaults to the folder name
+    allow_pickle: bool = False  # *.bin weights can run code when unpickled: off unless you trust the source
+
+
+@dataclass
+class LabelsConfig:
+    name: str = "custom"
+    list: Any = None  # "cat,dog" (as the vendor's --label_list) or a YAML list
+    file: Optional[str] = None  # UTF-8, one label per line, '#' comments
+    template: str = "a photo of a _."  # exactly one '_' marks the label; '_' alone means the bare label
+
+
+@dataclass
+class DatasetConfig:
+    name: str = "custom"
+    path: Optional[str] = None  # a folder, searched recursively
+    image: Optional[str] = None  # or one image: its label distribution is printed
+    extensions: List[str] = field(default_factory=lambda: [e.lstrip(".") for e in DEFAULT_EXTENSIONS])
+
+
+@dataclass
+class DeviceConfig:
+    type: DeviceType = DeviceType.auto
+    dtype: DType = DType.fp32
+    index: Optional[int] = None
+
+
+@dataclass
+class EncodeConfig:
+    batch_size: int = 8
+    num_workers: Optional[int] = None  # null: chosen from the CPU count and the device
+    chunk_size: int = 1024  # images per checkpoint chunk: what a crash can cost
+    warmup_image: Optional[str] = None  # null: a built-in image
+
+
+@dataclass
+class PreprocessConfig:
+    draft: bool = False  # reduced-scale JPEG decoding: faster, not bit-equal to the HF processor
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+
+@dataclass
+class ClassifyConfig:
+    topk: int = 5
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    labels: LabelsConfig = field(default_factory=LabelsConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+    encode: EncodeConfig = field(default_factory=EncodeConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    classify: ClassifyConfig = field(default_factory=ClassifyConfig)
+    output_dir: str = "${hydra:runtime.output_dir}"
+    cache_dir: str = "outputs/cache"
+    progress: bool = True
+
+
+def register() -> None:
+    """Make the schema and the `${project_root:}` resolver known to Hydra (idempotent)."""
+    ConfigStore.instance().store(name="classify_schema", node=RunConfig)
+    if not OmegaConf.has_resolver("project_root"):
+        OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT))
+
+
+# ------------------------------------------------------------------------------------- vendor-example flags
+
+# The vendor example's flags (and a few of ours, used by the Makefile) as Hydra overrides.
+FLAG_OVERRIDES = {
+    "--model_path": ("model.path",),
+    "--input_text": ("labels.template",),
+    "--label_list": ("labels.list", "labels.name=custom"),
+    "--label_file": ("labels.file", "labels.name=custom"),
+    "--input_image": ("dataset.image", "dataset.path=null"),
+    "--dataset_path": ("dataset.path",),
+    "--warmup_image_path": ("encode.warmup_image",),
+    "--results_save_path": ("hydra.run.dir",),
+    "--device": ("device.type",),
+    "--dtype": ("device.dtype",),
+    "--batch_size": ("encode.batch_size",),
+    "--topk": ("classify.topk",),
+    "--cache_dir": ("cache_dir",),
+}
+
+
+def quote_override_value(value: str) -> str:
+    """A Hydra override value that stays one literal string whatever it holds (spaces, commas, quotes, '$')."""
+    escaped = value.replace("\\", "\\\\").replace("'", "\\'").replace("${", "\\${")
+    return f"'{escaped}'"
+
+
+def translate_flags(argv: list[str]) -> list[str]:
+    """Rewrite `--flag value` / `--flag=value` pairs into Hydra overrides; leave everything else as it is."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        name, eq, inline = arg.partition("=")
+        if name in FLAG_OVERRIDES:
+            if eq:
+                value = inline
+            elif i + 1 < len(argv):
+                i += 1
+                value = argv[i]
+            else:
+                raise SystemExit(f"error: {name} needs a value")
+            key, *extra = FLAG_OVERRIDES[name]
+            out.extend(extra)
+            out.append(f"{key}={quote_override_value(value)}")
+        else:
+            out.append(arg)
+        i += 1
+    return out

@@ -1,0 +1,291 @@
+"""The classification stages: plain functions `fn(ctx, inputs, ...)` for the DAG runner.
+
+discover -> encode_images (decode + preprocess in DataLoader workers, batched vision tower, chunked checkpoints)
+         \\                                                                                 \\
+encode_labels (text tower once per label set) ------------------------------------------------> classify -> publish
+
+Runtime resources (the dataset root, the model, batch size, workers) come in through `Resources`; they do not
+enter fingerprints. What decides results comes in as stage params and does.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.ipc as ipc
+import pyarrow.parquet as pq
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from .dag import Artifact, ChunkStore, StageContext
+from .devices import DeviceChoice
+from .discovery import ImageRecord, discover
+from .imaging import DEFAULT_MAX_PIXELS, ImageDecodeError, PreprocessSpec, load_and_preprocess, preprocess
+from .labels import LabelSet
+from .models import LoadedModel, ModelInfo
+from .storage import read_json, write_json
+from .writers import ErrorsWriter, PredictionsWriter, ResJsonWriter
+
+log = logging.getLogger(__name__)
+
+IMAGES_FILE = "images.parquet"
+IMAGES_SCHEMA = pa.schema([("path", pa.string()), ("size", pa.int64()), ("mtime_ns", pa.int64())])
+OUTPUT_FILES = ("predictions.parquet", "errors.parquet", "res.json")
+
+
+@dataclass
+class Resources:
+    """What the stages need at run time but that does not change results (so stays out of fingerprints)."""
+
+    dataset: Path  # a directory, or a single image file
+    model_info: ModelInfo
+    device: DeviceChoice
+    spec: PreprocessSpec
+    batch_size: int = 8
+    num_workers: int = 0
+    chunk_size: int = 1024
+    draft: bool = False
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    warmup_image: str | None = None
+    progress: bool = True
+    counters: dict = field(default_factory=dict)
+
+    @cached_property
+    def model(self) -> LoadedModel:
+        # Loaded on first use: a rerun whose stages are all cached never pays for it.
+        return LoadedModel(self.model_info, self.device)
+
+    @property
+    def root(self) -> Path:
+        return self.dataset.parent if self.dataset.is_file() else self.dataset
+
+
+# ---------------------------------------------------------------------------------------------------- discover
+
+def discover_images(ctx: StageContext, inputs: dict[str, Artifact], *, res: Resources,
+                    extensions: tuple[str, ...]) -> None:
+    records = discover(res.dataset, extensions)
+    table = pa.Table.from_pylist([r.to_dict() for r in records], schema=IMAGES_SCHEMA)
+    pq.write_table(table, ctx.out / IMAGES_FILE)
+    log.info("discovered %d images under %s", len(records), res.dataset)
+
+
+def read_records(artifact: Artifact) -> list[ImageRecord]:
+    table = pq.read_table(artifact.file(IMAGES_FILE))
+    return [ImageRecord(**row) for row in table.to_pylist()]
+
+
+# ---------------------------------------------------------------------------------------------- encode labels
+
+def encode_labels(ctx: StageContext, inputs: dict[str, Artifact], *, res: Resources, label_set: LabelSet) -> None:
+    model = res.model
+    started = time.perf_counter()
+    embeddings = model.encode_text(label_set.prompts)
+    np.save(ctx.out / "text_embeddings.npy", embeddings)
+    write_json(ctx.out / "labels.json", {**label_set.to_dict(), "prompts": label_set.prompts,
+                                         "logit_scale": model.logit_scale})
+    log.info("encoded %d labels in %.2fs (text tower once per label)", len(label_set.labels),
+             time.perf_counter() - started)
+
+
+# ---------------------------------------------------------------------------------------------- encode images
+
+CHUNK_SCHEMA_FIELDS = [("index", pa.int64()), ("width", pa.int32()), ("height", pa.int32()),
+                       ("error_type", pa.string()), ("error_message", pa.string())]
+
+
+class ImageFiles(Dataset):
+    """Decode + preprocess in DataLoader workers; a bad file yields an error record, never an exception."""
+
+    def __init__(self, root: Path, paths: list[str], spec: PreprocessSpec, draft: bool, max_pixels: int) -> None:
+        self.root, self.paths, self.spec, self.draft, self.max_pixels = root, paths, spec, draft, max_pixels
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple:
+        try:
+            pixels, (width, height) = load_and_preprocess(self.root / self.paths[index], self.spec,
+                                                          draft=self.draft, max_pixels=self.max_pixels)
+            return index, pixels, width, height, None, None
+        except ImageDecodeError as exc:
+            return index, None, -1, -1, exc.kind, str(exc)
+        except Exception as exc:  # noqa: BLE001 - one odd file must never end a million-image run
+            return index, None, -1, -1, type(exc).__name__, str(exc) or repr(exc)
+
+
+def collate(items: list[tuple]) -> tuple[list[tuple], torch.Tensor | None]:
+    good = [item[1] for item in items if item[1] is not None]
+    pixels = torch.from_numpy(np.stack(good)) if good else None
+    return [(i, w, h, et, em) for i, _, w, h, et, em in items], pixels
+
+
+def chunk_plan(total: int, chunk_size: int) -> list[tuple[int, int]]:
+    return [(start, min(start + chunk_size, total)) for start in range(0, total, chunk_size)]
+
+
+def chunk_key(start: int, end: int) -> str:
+    return f"images-{start:010d}-{end:010d}"
+
+
+def encode_images(ctx: StageContext, inputs: dict[str, Artifact], *, res: Resources) -> None:
+    records = read_records(inputs["discover"])
+    store = ChunkStore(ctx.scratch)
+    done = store.completed()
+    plan = chunk_plan(len(records), res.chunk_size)
+    pending = [(s, e) for s, e in plan if chunk_key(s, e) not in done]
+    if done:
+        log.info("resuming image encoding: %d of %d chunks already done", len(plan) - len(pending), len(plan))
+    if pending:
+        _encode_chunks(records, pending, store, res)
+    done = store.completed()
+    chunk_files = []
+    for start, end in plan:
+        name = f"{chunk_key(start, end)}.arrow"
+        os.replace(done[chunk_key(start, end)], ctx.out / name)
+        chunk_files.append(name)
+    write_json(ctx.out / "chunks.json", {"chunks": chunk_files, "count": len(records)})
+
+
+def _encode_chunks(records: list[ImageRecord], pending: list[tuple[int, int]], store: ChunkStore,
+                   res: Resources) -> None:
+    model = res.model
+    warm_up(model, res)
+    # Batches never straddle a chunk boundary: a resumed chunk then sees exactly the batches an uninterrupted run
+    # would have, which keeps CPU fp32 results bit-identical.
+    batches = [list(range(b, min(b + res.batch_size, end))) for start, end in pending
+               for b in range(start, end, res.batch_size)]
+    dataset = ImageFiles(res.root, [r.path for r in records], res.spec, res.draft, res.max_pixels)
+    loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=res.num_workers,
+                        prefetch_factor=4 if res.num_workers else None, persistent_workers=False,
+                        pin_memory=res.device.is_accelerator)
+    remaining = iter(pending)
+    current = next(remaining)
+    rows: list[tuple] = []
+    embeddings: list[np.ndarray] = []
+    total = sum(e - s for s, e in pending)
+    with tqdm(total=total, unit="img", desc="encode images", disable=not res.progress, smoothing=0.1) as bar:
+        for meta, pixels in loader:
+            if pixels is not None:
+                embeddings.append(model.encode_images(pixels))
+            rows.extend(meta)
+            bar.update(len(meta))
+            if rows and rows[-1][0] == current[1] - 1:
+                _write_chunk(store, current, rows, embeddings)
+                rows, embeddings = [], []
+                current = next(remaining, None)
+
+
+def _write_chunk(store: ChunkStore, span: tuple[int, int], rows: list[tuple], embeddings: list[np.ndarray]) -> None:
+    dim = embeddings[0].shape[1] if embeddings else 0
+    matrix = np.concatenate(embeddings) if embeddings else np.zeros((0, dim), np.float32)
+    full = np.zeros((len(rows), dim), np.float32)
+    ok = np.array([r[3] is None for r in rows], dtype=bool)
+    full[ok] = matrix
+    columns = [pa.array(col, type=t) for col, (_, t) in zip(zip(*rows), CHUNK_SCHEMA_FIELDS)]
+    emb = pa.FixedSizeListArray.from_arrays(pa.array(full.reshape(-1)), dim)
+    table = pa.Table.from_arrays(columns + [pa.array(ok), emb],
+                                 names=[n for n, _ in CHUNK_SCHEMA_FIELDS] + ["ok", "embedding"])
+
+    def write(path: Path) -> None:
+        with ipc.new_file(path, table.schema) as writer:
+            writer.write_table(table)
+
+    store.put(chunk_key(*span), write)
+
+
+def iter_chunks(artifact: Artifact) -> Iterator[pa.Table]:
+    for name in read_json(artifact.file("chunks.json"))["chunks"]:
+        with ipc.open_file(artifact.file(name)) as reader:
+            yield reader.read_all()
+
+
+def warm_up(model: LoadedModel, res: Resources) -> None:
+    """One untimed batch first, so allocation, kernel selection or graph capture do not count as throughput."""
+    if res.warmup_image:
+        pixels, _ = load_and_preprocess(res.warmup_image, res.spec)
+    else:
+        pixels = preprocess(builtin_warmup_image(), res.spec)
+    count = res.batch_size if res.device.is_accelerator else 1
+    started = time.perf_counter()
+    model.encode_images(torch.from_numpy(np.stack([pixels] * count)))
+    res.counters["warmup_seconds"] = time.perf_counter() - started
+
+
+def builtin_warmup_image():
+    from PIL import Image
+
+    y, x = np.mgrid[0:240, 0:320]
+    rgb = np.stack([x * 255 // 319, y * 255 // 239, (x + y) * 255 // 558], axis=-1).astype(np.uint8)
+    return Image.fromarray(rgb, "RGB")
+
+
+# ---------------------------------------------------------------------------------------------------- classify
+
+def classify(ctx: StageContext, inputs: dict[str, Artifact], *, topk: int, metadata: dict) -> None:
+    records = read_records(inputs["discover"])
+    labels_art = inputs["encode_labels"]
+    label_info = read_json(labels_art.file("labels.json"))
+    text = torch.from_numpy(np.load(labels_art.file("text_embeddings.npy")))
+    scale = float(label_info["logit_scale"])
+    predictions = PredictionsWriter(ctx.out / "predictions.parquet", label_info["labels"], metadata)
+    errors = ErrorsWriter(ctx.out / "errors.parquet")
+    res_json = ResJsonWriter(ctx.out / "res.json")
+    try:
+        for chunk in iter_chunks(inputs["encode_images"]):
+            _classify_chunk(chunk, records, text, scale, topk, predictions, errors, res_json)
+    finally:
+        predictions.close(), errors.close(), res_json.close()
+    write_json(ctx.out / "counts.json", {"discovered": len(records), "classified": predictions.rows,
+                                         "errors": errors.rows})
+
+
+def probabilities(image_embeddings: torch.Tensor, text_embeddings: torch.Tensor, logit_scale: float) -> np.ndarray:
+    """softmax(logit_scale * cosine), as CLIPModel's logits_per_image.softmax(-1)."""
+    return (image_embeddings @ text_embeddings.T * logit_scale).softmax(dim=-1).numpy()
+
+
+def _classify_chunk(chunk: pa.Table, records: list[ImageRecord], text: torch.Tensor, scale: float, topk: int,
+                    predictions: PredictionsWriter, errors: ErrorsWriter, res_json: ResJsonWriter) -> None:
+    index = chunk.column("index").to_numpy()
+    ok = chunk.column("ok").to_numpy(zero_copy_only=False)
+    paths = [records[i].path for i in index]
+    bad = np.flatnonzero(~ok)
+    errors.write([(paths[i], "decode", chunk.column("error_type")[i].as_py(), chunk.column("error_message")[i].as_py())
+                  for i in bad])
+    good = np.flatnonzero(ok)
+    if not len(good):
+        return
+    emb = chunk.column("embedding").combine_chunks().flatten().to_numpy().reshape(len(index), -1)[good]
+    probs = probabilities(torch.from_numpy(np.ascontiguousarray(emb)), text, scale)
+    sizes = np.stack([chunk.column("width").to_numpy()[good], chunk.column("height").to_numpy()[good]], axis=1)
+    good_paths = [paths[i] for i in good]
+    predictions.write(good_paths, probs, topk, sizes)
+    labels = predictions.labels[probs.argmax(axis=1)]
+    res_json.write(good_paths, labels)
+
+
+# ---------------------------------------------------------------------------------------------------- publish
+
+def publish(ctx: StageContext, inputs: dict[str, Artifact], *, out_dir: Path) -> None:
+    """Copy the results into the run directory; each file replaces its old version atomically."""
+    from .storage import copy_atomic
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    source = inputs["classify"]
+    for name in OUTPUT_FILES:  # res.json last: its presence says the others are current
+        copy_atomic(source.file(name), out_dir / name)
+
+
+def read_counts(artifact: Artifact) -> dict:
+    return json.loads(artifact.file("counts.json").read_text())

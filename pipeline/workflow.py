@@ -1,0 +1,159 @@
+"""Compose the classification DAG from a resolved config, check inputs early, run it and summarise.
+
+Every check that can fail on user input runs before the model is loaded or an image is read.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.parquet as pq
+from omegaconf import DictConfig, OmegaConf
+
+from . import devices, stages
+from .dag import CACHED, CONTENT, SINK, Runner, Stage, StageReport
+from .errors import UserError
+from .labels import LabelSet, build_label_set, check_language
+from .models import inspect_model_dir, spec_of
+from .storage import FileDigests
+
+log = logging.getLogger(__name__)
+
+# Bump when a stage's output format or semantics change: old cache entries then stop matching.
+STAGE_VERSIONS = {"discover": 1, "encode_labels": 1, "encode_images": 1, "classify": 1}
+
+
+@dataclass
+class Plan:
+    stages: list[Stage]
+    resources: stages.Resources
+    label_set: LabelSet
+    out_dir: Path
+    cache_dir: Path
+
+
+@dataclass
+class RunSummary:
+    discovered: int
+    classified: int
+    errors: int
+    seconds: float
+    out_dir: Path
+    reports: list[StageReport]
+
+    def line(self) -> str:
+        stage_states = ", ".join(f"{r.name} {r.status}" for r in self.reports)
+        rate = self.classified / self.seconds if self.seconds else 0.0
+        return (f"{self.classified}/{self.discovered} images classified, {self.errors} errors, "
+                f"{self.seconds:.1f}s ({rate:.1f} img/s); stages: {stage_states}; results in {self.out_dir}")
+
+
+def default_workers(device: devices.DeviceChoice) -> int:
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    # On an accelerator the CPU only decodes, so use it all; on a CPU the model needs the cores too.
+    return min(16, cpus) if device.is_accelerator else max(1, cpus // 2)
+
+
+def _plain(value):
+    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+
+
+def _positive(name: str, value: int) -> int:
+    if value is None or int(value) < 1:
+        raise UserError(f"{name}={value} must be a positive integer")
+    return int(value)
+
+
+def plan(cfg: DictConfig) -> Plan:
+    """Validate the config against the world (files, model, device) and build the stages."""
+    batch_size = _positive("encode.batch_size", cfg.encode.batch_size)
+    chunk_size = _positive("encode.chunk_size", cfg.encode.chunk_size)
+    topk = _positive("classify.topk", cfg.classify.topk)
+    label_set = build_label_set(cfg.labels.name, _plain(cfg.labels.list), cfg.labels.file,
+                                cfg.labels.template)
+    info = inspect_model_dir(cfg.model.path, cfg.model.allow_pickle)
+    check_language(label_set, info.takes_chinese, cfg.model.path)
+    dataset = _dataset_location(cfg)
+    if cfg.encode.warmup_image and not Path(cfg.encode.warmup_image).is_file():
+        raise UserError(f"warm-up image not found: '{cfg.encode.warmup_image}' (encode.warmup_image)")
+    choice = devices.resolve(cfg.device.type.value, cfg.device.dtype.value, cfg.device.index)
+    cache_dir = Path(cfg.cache_dir)
+    digests = FileDigests(cache_dir / "file-digests")
+    model_fp = info.fingerprint(digests)
+    spec = spec_of(info)
+    workers = cfg.encode.num_workers if cfg.encode.num_workers is not None else default_workers(choice)
+    res = stages.Resources(dataset=dataset, model_info=info, device=choice, spec=spec, batch_size=batch_size,
+                           num_workers=int(workers), chunk_size=chunk_size, draft=cfg.preprocess.draft,
+                           max_pixels=cfg.preprocess.max_pixels, warmup_image=cfg.encode.warmup_image,
+                           progress=cfg.progress)
+    model_name = cfg.model.name or info.path.resolve().name
+    metadata = {"model": {"name": model_name, "path": str(info.path), "family": info.family,
+                          "fingerprint": model_fp},
+                "label_set": label_set.to_dict(), "template": label_set.template,
+                "config": {"dtype": choice.dtype_name, "topk": topk, "preprocess": spec.to_dict(),
+                           "draft": cfg.preprocess.draft}}
+    extensions = tuple(str(e) for e in cfg.dataset.extensions)
+    out_dir = Path(cfg.output_dir)
+    stage_list = [
+        Stage("discover", functools.partial(stages.discover_images, res=res, extensions=extensions),
+              params={"extensions": sorted(e.lower().lstrip(".") for e in extensions)},
+              version=STAGE_VERSIONS["discover"], kind=CONTENT),
+        Stage("encode_labels", functools.partial(stages.encode_labels, res=res, label_set=label_set),
+              params={"model": model_fp, "labels": label_set.to_dict(), "dtype": choice.dtype_name},
+              version=STAGE_VERSIONS["encode_labels"], kind=CACHED),
+        Stage("encode_images", functools.partial(stages.encode_images, res=res), inputs=("discover",),
+              params={"model": model_fp, "preprocess": spec.to_dict(), "draft": cfg.preprocess.draft,
+                      "max_pixels": cfg.preprocess.max_pixels, "dtype": choice.dtype_name},
+              version=STAGE_VERSIONS["encode_images"], kind=CACHED),
+        Stage("classify", functools.partial(stages.classify, topk=topk, metadata=metadata),
+              inputs=("discover", "encode_labels", "encode_images"), params={"topk": topk, "metadata": metadata},
+              version=STAGE_VERSIONS["classify"], kind=CACHED),
+        Stage("publish", functools.partial(stages.publish, out_dir=out_dir), inputs=("classify",), kind=SINK),
+    ]
+    return Plan(stage_list, res, label_set, out_dir, cache_dir)
+
+
+def _dataset_location(cfg: DictConfig) -> Path:
+    path, image = cfg.dataset.path, cfg.dataset.image
+    if path and image:
+        raise UserError("both dataset.path and dataset.image are set; give a folder (DATASET=) or one image (IMAGE=)")
+    if not path and not image:
+        raise UserError("no input: set dataset.path (DATASET=dir, --dataset_path) or dataset.image (IMAGE=file, "
+                        "--input_image)")
+    location = Path(image or path)
+    if image and not location.is_file():
+        raise UserError(f"image not found: '{image}' (dataset.image / IMAGE=file)")
+    if path and not location.is_dir():
+        raise UserError(f"dataset folder not found: '{path}' (dataset.path / DATASET=dir)")
+    return location
+
+
+def run(cfg: DictConfig) -> RunSummary:
+    started = time.perf_counter()
+    the_plan = plan(cfg)
+    runner = Runner(the_plan.cache_dir)
+    results = runner.run(the_plan.stages)
+    counts = stages.read_counts(results["classify"])
+    if counts["discovered"] == 0:
+        log.warning("no images found under %s (extensions: %s); outputs are empty", the_plan.resources.dataset,
+                    ", ".join(cfg.dataset.extensions))
+    return RunSummary(counts["discovered"], counts["classified"], counts["errors"], time.perf_counter() - started,
+                      the_plan.out_dir, runner.reports)
+
+
+def label_distribution(out_dir: Path, limit: int | None = None) -> list[tuple[str, list[tuple[str, float]]]]:
+    """Per image, every label with its probability, best first (for the single-image mode's printout)."""
+    table = pq.read_table(out_dir / "predictions.parquet", columns=["path", "probs"])
+    from .writers import read_metadata
+
+    labels = read_metadata(out_dir / "predictions.parquet")["label_set"]["labels"]
+    rows = []
+    for path, probs in zip(table.column("path").to_pylist(), table.column("probs").to_pylist()):
+        ranked = sorted(zip(labels, probs), key=lambda lp: -lp[1])
+        rows.append((path, ranked[:limit] if limit else ranked))
+    return rows
