@@ -12,7 +12,7 @@ sq = '$(subst ','\'',$(1))'
 flag = $(if $(2),$(1) $(call sq,$(2)))
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test classify clean
+.PHONY: help install demo test reliability classify clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  %-12s %s\n", $$1, $$2}'
@@ -32,6 +32,9 @@ demo: $(STAMP) ## Classify the bundled sample images with the bundled tiny model
 
 test: $(STAMP) ## Run the whole test suite
 	$(PY) -m pytest -q
+
+reliability: $(STAMP) ## Fault-injection suite in full: 24 kill points, image zoo, concurrency, 100k-image memory
+	RELIABILITY_FULL=1 $(PY) -m pytest -q tests/reliability
 
 classify: $(STAMP) ## make classify DATASET=dir|IMAGE=file MODEL=dir [LABELS=file|LABEL_LIST="a,b"] [TEMPLATE=..] [OUT=dir] [DEVICE=..] [DTYPE=..] [BATCH=n] [TOPK=n] [CACHE=dir] [ARGS=..]
 	$(PY) jobs/classify.py \

@@ -7,6 +7,7 @@ unknown key or a wrong type (e.g. `device.type=gpu`, `encode.batch_size=abc`) fa
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional
@@ -125,7 +126,9 @@ FLAG_OVERRIDES = {
 
 def quote_override_value(value: str) -> str:
     """A Hydra override value that stays one literal string whatever it holds (spaces, commas, quotes, '$')."""
-    escaped = value.replace("\\", "\\\\").replace("'", "\\'").replace("${", "\\${")
+    # Hydra's quoted strings: backslashes are literal except a run before a quote or at the end, which is doubled.
+    escaped = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, value)
+    escaped = escaped.replace("'", "\\'").replace("${", "\\${")
     return f"'{escaped}'"
 
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from .faults import checkpoint
 from .storage import read_json, sha256_file, sha256_json, write_json
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,7 @@ class Runner:
         results: dict[str, Artifact] = {}
         for stage in topological_order(stages):
             started = time.perf_counter()
+            checkpoint("stage.before")
             inputs = {name: results[name] for name in stage.inputs}
             artifact, status = self._run_one(stage, inputs)
             results[stage.name] = artifact
@@ -197,6 +199,7 @@ def _file_digests(directory: Path) -> dict[str, dict]:
 def _seal(tmp: Path, final: Path, stage: Stage, fingerprint: str, files: dict[str, dict]) -> None:
     write_json(tmp / MANIFEST, {"stage": stage.name, "version": stage.version, "fingerprint": fingerprint,
                                 "params": stage.params, "files": files, "created": time.time()})
+    checkpoint("stage.before_seal")
     os.replace(tmp, final)  # a directory rename is atomic: readers see all of it or nothing
 
 
@@ -254,7 +257,9 @@ class ChunkStore:
             with open(tmp, "rb+") as fh:
                 os.fsync(fh.fileno())
             final = self.directory / f"{key}.{digest}{self.SUFFIX}"
+            checkpoint("chunk.before_rename")
             os.replace(tmp, final)
+            checkpoint("chunk.after_write")
             return final
         finally:
             tmp.unlink(missing_ok=True)

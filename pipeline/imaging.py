@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import stat
 import warnings
 from dataclasses import asdict, dataclass
 
@@ -88,6 +89,9 @@ def decode(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS,
            draft_for: PreprocessSpec | None = None) -> Image.Image:
     """Open an image file as an RGB PIL image; raise ImageDecodeError with a precise reason otherwise."""
     try:
+        # A FIFO or device named *.jpg would block or stream forever once opened: refuse anything not a file.
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise ImageDecodeError("NotARegularFile", "not a regular file (a FIFO, device or socket?)")
         with warnings.catch_warnings():
             # Our own max_pixels check below decides; Pillow still refuses beyond twice its own limit.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -106,9 +110,27 @@ def decode(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS,
     except Image.DecompressionBombError as exc:
         raise ImageDecodeError("DecompressionBombError", str(exc)) from None
     except Image.UnidentifiedImageError:
-        raise ImageDecodeError("UnidentifiedImageError", "not a recognised image format") from None
+        raise ImageDecodeError(*_why_unidentified(path)) from None
     except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as exc:
         raise ImageDecodeError(type(exc).__name__, str(exc) or repr(exc)) from None
+
+
+def _why_unidentified(path: str | os.PathLike) -> tuple[str, str]:
+    """Pillow says only "cannot identify image file"; ask the decoder whose magic bytes match for the reason."""
+    with open(path, "rb") as fh:
+        head = fh.read(16)
+    if not head:
+        return "EmptyFile", "empty file (0 bytes)"
+    Image.init()
+    for fmt in Image.ID:
+        factory, accept = Image.OPEN[fmt]
+        if accept and accept(head) is True:
+            try:
+                with open(path, "rb") as fh:
+                    factory(fh, str(path))
+            except Exception as exc:  # noqa: BLE001 - the decoder's own complaint is the diagnosis
+                return type(exc).__name__, f"looks like {fmt} but {exc}"
+    return "UnidentifiedImageError", "not a recognised image format (no decoder matches its first bytes)"
 
 
 def _draft(img: Image.Image, spec: PreprocessSpec) -> None:

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from .dag import Artifact, ChunkStore, StageContext
 from .devices import DeviceChoice
+from .faults import checkpoint
 from .discovery import ImageRecord, discover
 from .imaging import DEFAULT_MAX_PIXELS, ImageDecodeError, PreprocessSpec, load_and_preprocess, preprocess
 from .labels import LabelSet
@@ -39,7 +40,8 @@ from .writers import ErrorsWriter, PredictionsWriter, ResJsonWriter
 log = logging.getLogger(__name__)
 
 IMAGES_FILE = "images.parquet"
-IMAGES_SCHEMA = pa.schema([("path", pa.string()), ("size", pa.int64()), ("mtime_ns", pa.int64())])
+# Paths as raw bytes: a file name that is not valid UTF-8 must still round-trip to the same file.
+IMAGES_SCHEMA = pa.schema([("path", pa.binary()), ("size", pa.int64()), ("mtime_ns", pa.int64())])
 OUTPUT_FILES = ("predictions.parquet", "errors.parquet", "res.json")
 
 
@@ -75,14 +77,16 @@ class Resources:
 def discover_images(ctx: StageContext, inputs: dict[str, Artifact], *, res: Resources,
                     extensions: tuple[str, ...]) -> None:
     records = discover(res.dataset, extensions)
-    table = pa.Table.from_pylist([r.to_dict() for r in records], schema=IMAGES_SCHEMA)
+    table = pa.table({"path": [os.fsencode(r.path) for r in records], "size": [r.size for r in records],
+                      "mtime_ns": [r.mtime_ns for r in records]}, schema=IMAGES_SCHEMA)
     pq.write_table(table, ctx.out / IMAGES_FILE)
     log.info("discovered %d images under %s", len(records), res.dataset)
 
 
 def read_records(artifact: Artifact) -> list[ImageRecord]:
     table = pq.read_table(artifact.file(IMAGES_FILE))
-    return [ImageRecord(**row) for row in table.to_pylist()]
+    columns = [table.column(name).to_pylist() for name in ("path", "size", "mtime_ns")]
+    return [ImageRecord(os.fsdecode(path), size, mtime) for path, size, mtime in zip(*columns)]
 
 
 # ---------------------------------------------------------------------------------------------- encode labels
@@ -270,9 +274,8 @@ def _classify_chunk(chunk: pa.Table, records: list[ImageRecord], text: torch.Ten
     probs = probabilities(torch.from_numpy(np.ascontiguousarray(emb)), text, scale)
     sizes = np.stack([chunk.column("width").to_numpy()[good], chunk.column("height").to_numpy()[good]], axis=1)
     good_paths = [paths[i] for i in good]
-    predictions.write(good_paths, probs, topk, sizes)
-    labels = predictions.labels[probs.argmax(axis=1)]
-    res_json.write(good_paths, labels)
+    res_json.write(good_paths, predictions.write(good_paths, probs, topk, sizes))
+    checkpoint("classify.row_group")
 
 
 # ---------------------------------------------------------------------------------------------------- publish
@@ -285,6 +288,7 @@ def publish(ctx: StageContext, inputs: dict[str, Artifact], *, out_dir: Path) ->
     source = inputs["classify"]
     for name in OUTPUT_FILES:  # res.json last: its presence says the others are current
         copy_atomic(source.file(name), out_dir / name)
+        checkpoint("publish.file")
 
 
 def read_counts(artifact: Artifact) -> dict:

@@ -5,9 +5,11 @@ Every check that can fail on user input runs before the model is loaded or an im
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import os
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +25,8 @@ from .models import inspect_model_dir, spec_of
 from .storage import FileDigests
 
 log = logging.getLogger(__name__)
+
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.EFBIG}
 
 # Bump when a stage's output format or semantics change: old cache entries then stop matching.
 STAGE_VERSIONS = {"discover": 1, "encode_labels": 1, "encode_images": 1, "classify": 1}
@@ -83,6 +87,9 @@ def plan(cfg: DictConfig) -> Plan:
         raise UserError(f"warm-up image not found: '{cfg.encode.warmup_image}' (encode.warmup_image)")
     choice = devices.resolve(cfg.device.type.value, cfg.device.dtype.value, cfg.device.index)
     cache_dir = Path(cfg.cache_dir)
+    out_dir = Path(cfg.output_dir)
+    for directory, what in ((cache_dir, "cache_dir (CACHE=)"), (out_dir, "the run directory (OUT=)")):
+        _check_writable(directory, what)
     digests = FileDigests(cache_dir / "file-digests")
     model_fp = info.fingerprint(digests)
     spec = spec_of(info)
@@ -98,7 +105,6 @@ def plan(cfg: DictConfig) -> Plan:
                 "config": {"dtype": choice.dtype_name, "topk": topk, "preprocess": spec.to_dict(),
                            "draft": cfg.preprocess.draft}}
     extensions = tuple(str(e) for e in cfg.dataset.extensions)
-    out_dir = Path(cfg.output_dir)
     stage_list = [
         Stage("discover", functools.partial(stages.discover_images, res=res, extensions=extensions),
               params={"extensions": sorted(e.lower().lstrip(".") for e in extensions)},
@@ -116,6 +122,16 @@ def plan(cfg: DictConfig) -> Plan:
         Stage("publish", functools.partial(stages.publish, out_dir=out_dir), inputs=("classify",), kind=SINK),
     ]
     return Plan(stage_list, res, label_set, out_dir, cache_dir)
+
+
+def _check_writable(directory: Path, what: str) -> None:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as exc:
+        raise UserError(f"cannot write to {what} '{directory}': {exc.strerror or exc}; choose a writable "
+                        "folder") from None
 
 
 def _dataset_location(cfg: DictConfig) -> Path:
@@ -137,7 +153,14 @@ def run(cfg: DictConfig) -> RunSummary:
     started = time.perf_counter()
     the_plan = plan(cfg)
     runner = Runner(the_plan.cache_dir)
-    results = runner.run(the_plan.stages)
+    try:
+        results = runner.run(the_plan.stages)
+    except OSError as exc:
+        if exc.errno not in _WRITE_ERRNOS:
+            raise
+        raise UserError(f"cannot write '{exc.filename or the_plan.cache_dir}': {exc.strerror}. Free some space or "
+                        "choose another CACHE= / OUT=; the checkpoints already written stay valid and the same "
+                        "command resumes from them") from exc
     counts = stages.read_counts(results["classify"])
     if counts["discovered"] == 0:
         log.warning("no images found under %s (extensions: %s); outputs are empty", the_plan.resources.dataset,

@@ -55,8 +55,8 @@ class PredictionsWriter:
         self._writer = pq.ParquetWriter(path, self.schema, compression="zstd")
         self.rows = 0
 
-    def write(self, paths: Sequence[str], probs: np.ndarray, topk: int, sizes: np.ndarray) -> None:
-        """One row group: `probs` is (n, L) float32; `sizes` is (n, 2) width, height."""
+    def write(self, paths: Sequence[str], probs: np.ndarray, topk: int, sizes: np.ndarray) -> np.ndarray:
+        """One row group: `probs` is (n, L) float32; `sizes` is (n, 2) width, height. Returns the top labels."""
         n, num_labels = probs.shape
         k = min(topk, num_labels)
         order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
@@ -77,6 +77,7 @@ class PredictionsWriter:
         ], schema=self.schema)
         self._writer.write_table(table)
         self.rows += n
+        return self.labels[best]
 
     def close(self) -> None:
         self._writer.close()

@@ -1,0 +1,56 @@
+"""Peak memory stays flat as the dataset grows: outputs are streamed, never held whole.
+
+`make reliability` discovers and classifies 10,000 then 100,000 small generated images; `make test` 2,000 then 20,000.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from .conftest import FULL, job_command, run_job
+
+# Stated bound for the whole job process (Python, torch, transformers, a tiny model, 2 workers) at any size.
+PEAK_RSS_LIMIT_MB = 1500
+# What 10x more images may add on top (the file list itself costs ~100 bytes per image).
+GROWTH_LIMIT_MB = 150
+
+
+def _make_images(root, count):
+    rng = np.random.default_rng(count)
+    colors = rng.integers(0, 256, (count, 3), dtype=np.uint8)
+    for i in range(count):
+        folder = root / f"{i // 1000:03d}"
+        if i % 1000 == 0:
+            folder.mkdir(parents=True)
+        Image.new("RGB", (16, 12), tuple(int(c) for c in colors[i])).save(folder / f"{i:06d}.png", optimize=False)
+
+
+def _peak_rss_mb(tmp_path, count):
+    import resource
+    import subprocess
+    import sys
+
+    data = tmp_path / f"data{count}"
+    _make_images(data, count)
+    cmd = job_command(data, tmp_path / f"out{count}", tmp_path / f"cache{count}", "encode.batch_size=256",
+                      "encode.chunk_size=4096", "encode.num_workers=2", "labels=colors")
+    # Measure the job alone, in a fresh child of a helper process, so earlier children do not count.
+    probe = ("import resource,subprocess,sys; subprocess.run(sys.argv[1:], check=True, "
+             "stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL); "
+             "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    proc = run_job([sys.executable, "-c", probe, *cmd])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert pq.read_metadata(tmp_path / f"out{count}" / "predictions.parquet").num_rows == count
+    return int(proc.stdout.strip()) / 1024
+
+
+def test_peak_memory_flat_with_dataset_size(tmp_path):
+    small, large = (10_000, 100_000) if FULL else (2_000, 20_000)
+    peak_small = _peak_rss_mb(tmp_path, small)
+    peak_large = _peak_rss_mb(tmp_path, large)
+    print(f"peak RSS: {peak_small:.0f} MB at {small} images, {peak_large:.0f} MB at {large} images")
+    assert peak_large < PEAK_RSS_LIMIT_MB
+    assert peak_large - peak_small < GROWTH_LIMIT_MB
