@@ -12,7 +12,7 @@ sq = '$(subst ','\'',$(1))'
 flag = $(if $(2),$(1) $(call sq,$(2)))
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test reliability classify clean
+.PHONY: help install demo test reliability bench classify precision clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  %-12s %s\n", $$1, $$2}'
@@ -36,6 +36,9 @@ test: $(STAMP) ## Run the whole test suite
 reliability: $(STAMP) ## Fault-injection suite in full: 24 kill points, image zoo, concurrency, 100k-image memory
 	RELIABILITY_FULL=1 $(PY) -m pytest -q tests/reliability
 
+bench: $(STAMP) ## Benchmark: ours vs vision-tower ceiling vs HF pipeline vs hardware limit (about 10 min)
+	$(PY) jobs/bench.py $(ARGS)
+
 classify: $(STAMP) ## make classify DATASET=dir|IMAGE=file MODEL=dir [LABELS=file|LABEL_LIST="a,b"] [TEMPLATE=..] [OUT=dir] [DEVICE=..] [DTYPE=..] [BATCH=n] [TOPK=n] [CACHE=dir] [ARGS=..]
 	$(PY) jobs/classify.py \
 	  $(call flag,--dataset_path,$(DATASET)) $(call flag,--input_image,$(IMAGE)) \
@@ -44,6 +47,13 @@ classify: $(STAMP) ## make classify DATASET=dir|IMAGE=file MODEL=dir [LABELS=fil
 	  $(call flag,--results_save_path,$(OUT)) $(call flag,--device,$(DEVICE)) \
 	  $(call flag,--dtype,$(DTYPE)) $(call flag,--batch_size,$(BATCH)) \
 	  $(call flag,--topk,$(TOPK)) $(call flag,--cache_dir,$(CACHE)) $(ARGS)
+
+precision: $(STAMP) ## make precision MODEL=dir DATASET=dir [DEVICE=..] [DTYPE=..] [BATCH=n] [ARGS=..]: device vs fp32 CPU
+	$(PY) jobs/precision.py \
+	  $(call flag,--dataset_path,$(DATASET)) $(call flag,--model_path,$(MODEL)) \
+	  $(call flag,--label_file,$(LABELS)) $(call flag,--label_list,$(LABEL_LIST)) \
+	  $(call flag,--results_save_path,$(OUT)) $(call flag,--device,$(DEVICE)) \
+	  $(call flag,--dtype,$(DTYPE)) $(call flag,--batch_size,$(BATCH)) $(ARGS)
 
 clean: ## Remove run outputs and the cache (keeps .venv)
 	rm -rf outputs/runs outputs/multirun outputs/cache

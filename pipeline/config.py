@@ -62,6 +62,7 @@ class DeviceConfig:
     type: DeviceType = DeviceType.auto
     dtype: DType = DType.fp32
     index: Optional[int] = None
+    cpu_half: bool = False  # run fp16/bf16 on a CPU anyway (slow there; for precision checks only)
 
 
 @dataclass
@@ -84,6 +85,13 @@ class ClassifyConfig:
 
 
 @dataclass
+class PrecisionConfig:
+    min_cosine: float = 0.99  # per image, probability vectors and image embeddings
+    min_top1_agreement: float = 0.99
+    reference_batch_size: int = 8
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     labels: LabelsConfig = field(default_factory=LabelsConfig)
@@ -92,6 +100,7 @@ class RunConfig:
     encode: EncodeConfig = field(default_factory=EncodeConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     classify: ClassifyConfig = field(default_factory=ClassifyConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     output_dir: str = "${hydra:runtime.output_dir}"
     cache_dir: str = "outputs/cache"
     progress: bool = True

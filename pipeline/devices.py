@@ -50,8 +50,9 @@ def _require_npu() -> None:
                         "and the driver); choose another device.type")
 
 
-def resolve(device_type: str, dtype: str, index: int | None = None) -> DeviceChoice:
-    """Resolve `auto` and validate the pair; fp16/bf16 on a CPU fall back to fp32 with a warning."""
+def resolve(device_type: str, dtype: str, index: int | None = None, cpu_half: bool = False) -> DeviceChoice:
+    """Resolve `auto` and validate the pair; fp16/bf16 on a CPU fall back to fp32 with a warning unless
+    `cpu_half` (precision checks) asks for them anyway."""
     if device_type not in DEVICE_TYPES:
         raise UserError(f"device.type={device_type!r} is not one of {', '.join(DEVICE_TYPES)}")
     if dtype not in DTYPES:
@@ -63,7 +64,7 @@ def resolve(device_type: str, dtype: str, index: int | None = None) -> DeviceCho
                         f"{torch.__version__}); use device.type=cpu or auto")
     elif device_type == "npu":
         _require_npu()
-    if device_type == "cpu" and dtype != "fp32":
+    if device_type == "cpu" and dtype != "fp32" and not cpu_half:
         # Measured on AVX2 CPUs: fp16/bf16 matmuls run 5-70x slower than fp32, and gain no memory that matters.
         log.warning("device.dtype=%s on the CPU is slower than fp32 and less precise; using fp32", dtype)
         dtype = "fp32"

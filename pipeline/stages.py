@@ -61,11 +61,17 @@ class Resources:
     warmup_image: str | None = None
     progress: bool = True
     counters: dict = field(default_factory=dict)
+    preloaded: LoadedModel | None = None  # a model already in memory (benchmarks, notebooks)
 
     @cached_property
     def model(self) -> LoadedModel:
         # Loaded on first use: a rerun whose stages are all cached never pays for it.
-        return LoadedModel(self.model_info, self.device)
+        if self.preloaded is not None:
+            return self.preloaded
+        started = time.perf_counter()
+        model = LoadedModel(self.model_info, self.device)
+        self.counters["model_load_seconds"] = time.perf_counter() - started
+        return model
 
     @property
     def root(self) -> Path:

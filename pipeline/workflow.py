@@ -11,17 +11,17 @@ import logging
 import os
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow.parquet as pq
 from omegaconf import DictConfig, OmegaConf
 
 from . import devices, stages
-from .dag import CACHED, CONTENT, SINK, Runner, Stage, StageReport
+from .dag import CACHED, Artifact, CONTENT, SINK, Runner, Stage, StageReport
 from .errors import UserError
 from .labels import LabelSet, build_label_set, check_language
-from .models import inspect_model_dir, spec_of
+from .models import LoadedModel, inspect_model_dir, spec_of
 from .storage import FileDigests
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,11 @@ class RunSummary:
     seconds: float
     out_dir: Path
     reports: list[StageReport]
+    artifacts: dict[str, Artifact] = field(default_factory=dict)
+    counters: dict = field(default_factory=dict)
+
+    def stage_seconds(self, name: str) -> float:
+        return sum(r.seconds for r in self.reports if r.name == name)
 
     def line(self) -> str:
         stage_states = ", ".join(f"{r.name} {r.status}" for r in self.reports)
@@ -73,7 +78,7 @@ def _positive(name: str, value: int) -> int:
     return int(value)
 
 
-def plan(cfg: DictConfig) -> Plan:
+def plan(cfg: DictConfig, preloaded: LoadedModel | None = None) -> Plan:
     """Validate the config against the world (files, model, device) and build the stages."""
     batch_size = _positive("encode.batch_size", cfg.encode.batch_size)
     chunk_size = _positive("encode.chunk_size", cfg.encode.chunk_size)
@@ -85,7 +90,8 @@ def plan(cfg: DictConfig) -> Plan:
     dataset = _dataset_location(cfg)
     if cfg.encode.warmup_image and not Path(cfg.encode.warmup_image).is_file():
         raise UserError(f"warm-up image not found: '{cfg.encode.warmup_image}' (encode.warmup_image)")
-    choice = devices.resolve(cfg.device.type.value, cfg.device.dtype.value, cfg.device.index)
+    choice = devices.resolve(cfg.device.type.value, cfg.device.dtype.value, cfg.device.index,
+                             cpu_half=cfg.device.cpu_half)
     cache_dir = Path(cfg.cache_dir)
     out_dir = Path(cfg.output_dir)
     for directory, what in ((cache_dir, "cache_dir (CACHE=)"), (out_dir, "the run directory (OUT=)")):
@@ -97,7 +103,7 @@ def plan(cfg: DictConfig) -> Plan:
     res = stages.Resources(dataset=dataset, model_info=info, device=choice, spec=spec, batch_size=batch_size,
                            num_workers=int(workers), chunk_size=chunk_size, draft=cfg.preprocess.draft,
                            max_pixels=cfg.preprocess.max_pixels, warmup_image=cfg.encode.warmup_image,
-                           progress=cfg.progress)
+                           progress=cfg.progress, preloaded=preloaded)
     model_name = cfg.model.name or info.path.resolve().name
     metadata = {"model": {"name": model_name, "path": str(info.path), "family": info.family,
                           "fingerprint": model_fp},
@@ -149,9 +155,9 @@ def _dataset_location(cfg: DictConfig) -> Path:
     return location
 
 
-def run(cfg: DictConfig) -> RunSummary:
+def run(cfg: DictConfig, preloaded: LoadedModel | None = None) -> RunSummary:
     started = time.perf_counter()
-    the_plan = plan(cfg)
+    the_plan = plan(cfg, preloaded)
     runner = Runner(the_plan.cache_dir)
     try:
         results = runner.run(the_plan.stages)
@@ -166,7 +172,7 @@ def run(cfg: DictConfig) -> RunSummary:
         log.warning("no images found under %s (extensions: %s); outputs are empty", the_plan.resources.dataset,
                     ", ".join(cfg.dataset.extensions))
     return RunSummary(counts["discovered"], counts["classified"], counts["errors"], time.perf_counter() - started,
-                      the_plan.out_dir, runner.reports)
+                      the_plan.out_dir, runner.reports, results, the_plan.resources.counters)
 
 
 def label_distribution(out_dir: Path, limit: int | None = None) -> list[tuple[str, list[tuple[str, float]]]]:

@@ -1,0 +1,93 @@
+"""Compare a device/dtype run with an fp32 CPU reference, image by image (the vendor precision test, enforced).
+
+The vendor example logged the cosine similarity of one image's probabilities and never checked its threshold.
+Here every image counts: the cosine of the probability vectors and of the image embeddings, and top-1 agreement.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+
+from .stages import iter_chunks
+from .workflow import RunSummary
+
+
+@dataclass
+class PrecisionReport:
+    table: pd.DataFrame  # one row per image classified by both runs
+    min_cosine: float
+    min_top1_agreement: float
+
+    @property
+    def top1_agreement(self) -> float:
+        return float(self.table["top1_agrees"].mean()) if len(self.table) else 1.0
+
+    @property
+    def worst_prob_cosine(self) -> float:
+        return float(self.table["prob_cosine"].min()) if len(self.table) else 1.0
+
+    @property
+    def worst_embedding_cosine(self) -> float:
+        return float(self.table["embedding_cosine"].min()) if len(self.table) else 1.0
+
+    @property
+    def passed(self) -> bool:
+        return (min(self.worst_prob_cosine, self.worst_embedding_cosine) >= self.min_cosine
+                and self.top1_agreement >= self.min_top1_agreement)
+
+    def lines(self) -> list[str]:
+        verdict = "PASS" if self.passed else "FAIL"
+        return [
+            f"images compared       {len(self.table)}",
+            f"min prob cosine       {self.worst_prob_cosine:.6f}   (threshold {self.min_cosine})",
+            f"min embedding cosine  {self.worst_embedding_cosine:.6f}   (threshold {self.min_cosine})",
+            f"top-1 agreement       {self.top1_agreement:.4f}     (threshold {self.min_top1_agreement})",
+            f"max |prob diff|       {self.table['max_abs_prob_diff'].max() if len(self.table) else 0:.2e}",
+            f"verdict               {verdict}",
+        ]
+
+
+def _embeddings(summary: RunSummary) -> dict[int, np.ndarray]:
+    rows = {}
+    for chunk in iter_chunks(summary.artifacts["encode_images"]):
+        index = chunk.column("index").to_numpy()
+        ok = chunk.column("ok").to_numpy(zero_copy_only=False)
+        emb = chunk.column("embedding").combine_chunks().flatten().to_numpy().reshape(len(index), -1)
+        rows.update({int(i): emb[k] for k, i in enumerate(index) if ok[k]})
+    return rows
+
+
+def _predictions(summary: RunSummary) -> pd.DataFrame:
+    return pq.read_table(summary.out_dir / "predictions.parquet", columns=["path", "label", "probs"]).to_pandas()
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-30)
+
+
+def compare(candidate: RunSummary, reference: RunSummary, min_cosine: float, min_top1: float) -> PrecisionReport:
+    cand, ref = _predictions(candidate), _predictions(reference)
+    merged = cand.merge(ref, on="path", suffixes=("_candidate", "_reference"))
+    probs_c = np.stack(merged["probs_candidate"].to_numpy()) if len(merged) else np.zeros((0, 1))
+    probs_r = np.stack(merged["probs_reference"].to_numpy()) if len(merged) else np.zeros((0, 1))
+    # Discovery is identical in both runs, so image indices line up; map them through the sorted path order.
+    emb_c, emb_r = _embeddings(candidate), _embeddings(reference)
+    order = sorted(emb_r)
+    by_path = dict(zip(sorted(ref["path"]), order))
+    idx = [by_path[p] for p in merged["path"]]
+    e_c = np.stack([emb_c[i] for i in idx]) if idx else np.zeros((0, 1))
+    e_r = np.stack([emb_r[i] for i in idx]) if idx else np.zeros((0, 1))
+    table = pd.DataFrame({
+        "path": merged["path"],
+        "label_candidate": merged["label_candidate"],
+        "label_reference": merged["label_reference"],
+        "top1_agrees": merged["label_candidate"] == merged["label_reference"],
+        "prob_cosine": _cosine(probs_c, probs_r),
+        "embedding_cosine": _cosine(e_c, e_r),
+        "max_abs_prob_diff": np.abs(probs_c - probs_r).max(1) if len(merged) else [],
+    })
+    return PrecisionReport(table, min_cosine, min_top1)
