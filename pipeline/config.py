@@ -44,9 +44,10 @@ class ModelConfig:
 @dataclass
 class LabelsConfig:
     name: str = "custom"
-    list: Any = None  # "cat,dog" (as the vendor's --label_list) or a YAML list
+    list: Any = None  # "cat,dog" (as the vendor's --label_list) or a YAML list of names or {name, prompt}
     file: Optional[str] = None  # UTF-8, one label per line, '#' comments
     template: str = "a photo of a _."  # exactly one '_' marks the label; '_' alone means the bare label
+    templates: Optional[List[str]] = None  # a prompt ensemble; when set, it replaces `template`
 
 
 @dataclass
@@ -82,6 +83,8 @@ class PreprocessConfig:
 @dataclass
 class ClassifyConfig:
     topk: int = 5
+    min_score: Optional[float] = None  # best score below this: label `unknown_label` (scores still written)
+    unknown_label: str = "unknown"
 
 
 @dataclass

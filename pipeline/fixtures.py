@@ -330,6 +330,9 @@ class CaptionBank:
         return int(group[rng.integers(len(group))])
 
 
+EVAL_CB = None  # debugging hook: called with the step number at each log line
+
+
 def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     """Label-preserving: random horizontal flips and 90-degree rotations (square inputs)."""
     flip = torch.rand(x.shape[0], generator=g) < 0.5
@@ -393,6 +396,8 @@ def train(spec: TinySpec, model, tokenizer, pixels: torch.Tensor, shape_idx: tor
         if log_every and (step % log_every == 0 or step == steps - 1):
             _log(f"  [{spec.kind}] step {step + 1}/{steps} loss {loss.item():.4f} "
                  f"scale {scale.item():.1f} ({time.time() - t0:.0f}s)")
+            if EVAL_CB is not None:
+                EVAL_CB(step + 1)
     model.eval()
     return time.time() - t0
 

@@ -100,12 +100,15 @@ def read_records(artifact: Artifact) -> list[ImageRecord]:
 def encode_labels(ctx: StageContext, inputs: dict[str, Artifact], *, res: Resources, label_set: LabelSet) -> None:
     model = res.model
     started = time.perf_counter()
-    embeddings = model.encode_text(label_set.prompts)
-    np.save(ctx.out / "text_embeddings.npy", embeddings)
-    write_json(ctx.out / "labels.json", {**label_set.to_dict(), "prompts": label_set.prompts,
-                                         "logit_scale": model.logit_scale})
-    log.info("encoded %d labels in %.2fs (text tower once per label)", len(label_set.labels),
-             time.perf_counter() - started)
+    if len(label_set.templates) == 1:
+        embeddings = model.encode_text(label_set.prompts())
+    else:
+        total = sum(model.encode_text(label_set.prompts(t)) for t in label_set.templates)
+        embeddings = total / np.linalg.norm(total, axis=1, keepdims=True)
+    np.save(ctx.out / "text_embeddings.npy", embeddings.astype(np.float32))
+    write_json(ctx.out / "labels.json", {**label_set.to_dict(), "logit_scale": model.logit_scale})
+    log.info("encoded %d labels x %d templates in %.2fs (text tower once per prompt, not per image)",
+             len(label_set.labels), len(label_set.templates), time.perf_counter() - started)
 
 
 # ---------------------------------------------------------------------------------------------- encode images
@@ -242,13 +245,15 @@ def builtin_warmup_image():
 
 # ---------------------------------------------------------------------------------------------------- classify
 
-def classify(ctx: StageContext, inputs: dict[str, Artifact], *, topk: int, metadata: dict) -> None:
+def classify(ctx: StageContext, inputs: dict[str, Artifact], *, topk: int, metadata: dict,
+             min_score: float | None = None, unknown_label: str = "unknown") -> None:
     records = read_records(inputs["discover"])
     labels_art = inputs["encode_labels"]
     label_info = read_json(labels_art.file("labels.json"))
     text = torch.from_numpy(np.load(labels_art.file("text_embeddings.npy")))
     scale = float(label_info["logit_scale"])
-    predictions = PredictionsWriter(ctx.out / "predictions.parquet", label_info["labels"], metadata)
+    predictions = PredictionsWriter(ctx.out / "predictions.parquet", label_info["labels"], metadata,
+                                    min_score, unknown_label)
     errors = ErrorsWriter(ctx.out / "errors.parquet")
     res_json = ResJsonWriter(ctx.out / "res.json")
     try:

@@ -84,7 +84,7 @@ def plan(cfg: DictConfig, preloaded: LoadedModel | None = None) -> Plan:
     chunk_size = _positive("encode.chunk_size", cfg.encode.chunk_size)
     topk = _positive("classify.topk", cfg.classify.topk)
     label_set = build_label_set(cfg.labels.name, _plain(cfg.labels.list), cfg.labels.file,
-                                cfg.labels.template)
+                                cfg.labels.template, _plain(cfg.labels.templates))
     info = inspect_model_dir(cfg.model.path, cfg.model.allow_pickle)
     check_language(label_set, info.takes_chinese, cfg.model.path)
     dataset = _dataset_location(cfg)
@@ -108,9 +108,14 @@ def plan(cfg: DictConfig, preloaded: LoadedModel | None = None) -> Plan:
     metadata = {"model": {"name": model_name, "path": str(info.path), "family": info.family,
                           "fingerprint": model_fp},
                 "label_set": label_set.to_dict(), "template": label_set.template,
+                "templates": list(label_set.templates),
                 "config": {"dtype": choice.dtype_name, "topk": topk, "preprocess": spec.to_dict(),
                            "draft": cfg.preprocess.draft}}
     extensions = tuple(str(e) for e in cfg.dataset.extensions)
+    unknown = {"min_score": cfg.classify.min_score, "unknown_label": cfg.classify.unknown_label}
+    if unknown["unknown_label"] in label_set.labels:
+        raise UserError(f"classify.unknown_label={unknown['unknown_label']!r} is also one of the labels; "
+                        "choose another name for the below-min_score outcome")
     stage_list = [
         Stage("discover", functools.partial(stages.discover_images, res=res, extensions=extensions),
               params={"extensions": sorted(e.lower().lstrip(".") for e in extensions)},
@@ -122,8 +127,9 @@ def plan(cfg: DictConfig, preloaded: LoadedModel | None = None) -> Plan:
               params={"model": model_fp, "preprocess": spec.to_dict(), "draft": cfg.preprocess.draft,
                       "max_pixels": cfg.preprocess.max_pixels, "dtype": choice.dtype_name},
               version=STAGE_VERSIONS["encode_images"], kind=CACHED),
-        Stage("classify", functools.partial(stages.classify, topk=topk, metadata=metadata),
-              inputs=("discover", "encode_labels", "encode_images"), params={"topk": topk, "metadata": metadata},
+        Stage("classify", functools.partial(stages.classify, topk=topk, metadata=metadata, **unknown),
+              inputs=("discover", "encode_labels", "encode_images"),
+              params={"topk": topk, "metadata": metadata, **unknown},
               version=STAGE_VERSIONS["classify"], kind=CACHED),
         Stage("publish", functools.partial(stages.publish, out_dir=out_dir), inputs=("classify",), kind=SINK),
     ]

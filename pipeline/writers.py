@@ -49,8 +49,10 @@ def display_path(path: str) -> str:
 
 
 class PredictionsWriter:
-    def __init__(self, path: Path, labels: Sequence[str], metadata: dict[str, Any]) -> None:
+    def __init__(self, path: Path, labels: Sequence[str], metadata: dict[str, Any],
+                 min_score: float | None = None, unknown_label: str = "unknown") -> None:
         self.labels = np.asarray(labels, dtype=object)
+        self.min_score, self.unknown_label = min_score, unknown_label
         self.schema = predictions_schema(metadata)
         self._writer = pq.ParquetWriter(path, self.schema, compression="zstd")
         self.rows = 0
@@ -61,13 +63,18 @@ class PredictionsWriter:
         k = min(topk, num_labels)
         order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
         top_scores = np.take_along_axis(probs, order, axis=1)
-        best = order[:, 0]
+        best = order[:, 0].astype(np.int32)
+        best_labels = self.labels[best]
+        if self.min_score is not None:
+            unsure = top_scores[:, 0] < self.min_score
+            best = np.where(unsure, -1, best).astype(np.int32)
+            best_labels = np.where(unsure, self.unknown_label, best_labels)
         offsets_k = pa.array(np.arange(0, (n + 1) * k, k, dtype=np.int32))
         offsets_l = pa.array(np.arange(0, (n + 1) * num_labels, num_labels, dtype=np.int32))
         table = pa.Table.from_arrays([
             pa.array([display_path(p) for p in paths], pa.string()),
-            pa.array(self.labels[best], pa.string()),
-            pa.array(best.astype(np.int32)),
+            pa.array(best_labels, pa.string()),
+            pa.array(best),
             pa.array(top_scores[:, 0].astype(np.float32)),
             pa.ListArray.from_arrays(offsets_k, pa.array(self.labels[order].reshape(-1), pa.string())),
             pa.ListArray.from_arrays(offsets_k, pa.array(top_scores.reshape(-1).astype(np.float32))),
@@ -77,7 +84,7 @@ class PredictionsWriter:
         ], schema=self.schema)
         self._writer.write_table(table)
         self.rows += n
-        return self.labels[best]
+        return best_labels
 
     def close(self) -> None:
         self._writer.close()

@@ -6,11 +6,11 @@ from pipeline.labels import apply_template, build_label_set, check_language, rea
 
 def test_template_applies_to_every_source(tmp_path):
     listed = build_label_set("x", "cat, dog", None, "a photo of a _.")
-    assert listed.prompts == ["a photo of a cat.", "a photo of a dog."]
+    assert listed.prompts() == ["a photo of a cat.", "a photo of a dog."]
     f = tmp_path / "labels.txt"
     f.write_text("cat\ndog\n", encoding="utf-8")
-    assert build_label_set("x", None, str(f), "a photo of a _.").prompts == listed.prompts
-    assert build_label_set("x", ["red circle"], None, "_").prompts == ["red circle"]
+    assert build_label_set("x", None, str(f), "a photo of a _.").prompts() == listed.prompts()
+    assert build_label_set("x", ["red circle"], None, "_").prompts() == ["red circle"]
     assert apply_template("一张_的照片。", "红色") == "一张红色的照片。"
 
 
@@ -48,3 +48,14 @@ def test_chinese_labels_refused_by_english_clip():
     check_language(zh, takes_chinese=True, model_path="m")
     with pytest.raises(UserError, match="template"):
         check_language(build_label_set("x", "red", None, "一张_的照片。"), takes_chinese=False, model_path="m")
+
+
+def test_display_names_and_template_ensembles():
+    labels = build_label_set("birds", [{"name": "crane (bird)", "prompt": "crane"}, "heron"], None, "_",
+                             ["a photo of a _.", "a drawing of a _."])
+    assert labels.labels == ("crane (bird)", "heron") and labels.texts == ("crane", "heron")
+    assert labels.prompts("a drawing of a _.") == ["a drawing of a crane.", "a drawing of a heron."]
+    with pytest.raises(UserError, match="exactly one"):
+        build_label_set("x", "a", None, "_", ["ok _", "bad"])
+    with pytest.raises(UserError, match="must be a string or"):
+        build_label_set("x", [{"prompt": "no name"}], None, "_")
