@@ -39,8 +39,16 @@ reliability: $(STAMP) ## Fault-injection suite in full: 24 kill points, image zo
 bench: $(STAMP) ## Benchmark: ours vs vision-tower ceiling vs HF pipeline vs hardware limit (about 10 min)
 	$(PY) jobs/bench.py $(ARGS)
 
-classify: $(STAMP) ## make classify DATASET=dir|IMAGE=file MODEL=dir [LABELS=file|LABEL_LIST="a,b"] [TEMPLATE=..] [OUT=dir] [DEVICE=..] [DTYPE=..] [BATCH=n] [TOPK=n] [CACHE=dir] [ARGS=..]
-	$(PY) jobs/classify.py \
+# NPROC=n: n data-parallel processes through torchrun (one per device); all ranks share one run directory.
+ifdef NPROC
+LAUNCH = $(PY) -m torch.distributed.run --standalone --nproc_per_node $(NPROC)
+OUT ?= outputs/runs/$(shell date +%Y-%m-%d/%H-%M-%S)-x$(NPROC)
+else
+LAUNCH = $(PY)
+endif
+
+classify: $(STAMP) ## make classify DATASET=dir|IMAGE=file MODEL=dir [LABELS=file|LABEL_LIST="a,b"] [TEMPLATE=..] [OUT=dir] [DEVICE=..] [DTYPE=..] [BATCH=n] [TOPK=n] [CACHE=dir] [NPROC=n] [ARGS=..]
+	$(LAUNCH) jobs/classify.py \
 	  $(call flag,--dataset_path,$(DATASET)) $(call flag,--input_image,$(IMAGE)) \
 	  $(call flag,--model_path,$(MODEL)) $(call flag,--label_file,$(LABELS)) \
 	  $(call flag,--label_list,$(LABEL_LIST)) $(call flag,--input_text,$(TEMPLATE)) \

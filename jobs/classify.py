@@ -29,7 +29,7 @@ def main(cfg: DictConfig) -> None:
     except UserError as exc:
         log.error("%s", exc)
         sys.exit(EXIT_USER_ERROR)
-    if cfg.dataset.image:
+    if cfg.dataset.image and summary.shard is None:
         for path, ranked in workflow.label_distribution(summary.out_dir):
             print(f"{path}:")
             for label, prob in ranked:

@@ -95,6 +95,13 @@ class PrecisionConfig:
 
 
 @dataclass
+class ShardConfig:
+    index: int = 0  # this job's shard, 0 <= index < count (torchrun sets these from RANK / WORLD_SIZE)
+    count: int = 1  # > 1: encode only this shard's chunks; an ordinary run (count 1) then merges
+    timeout_hours: float = 72.0  # how long torchrun ranks wait for the slowest one at the merge barrier
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     labels: LabelsConfig = field(default_factory=LabelsConfig)
@@ -104,6 +111,7 @@ class RunConfig:
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     classify: ClassifyConfig = field(default_factory=ClassifyConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    shard: ShardConfig = field(default_factory=ShardConfig)
     output_dir: str = "${hydra:runtime.output_dir}"
     cache_dir: str = "outputs/cache"
     progress: bool = True

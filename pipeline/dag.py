@@ -88,9 +88,14 @@ class Runner:
     cache_dir: Path
     reports: list[StageReport] = field(default_factory=list)
 
-    def run(self, stages: list[Stage]) -> dict[str, Artifact]:
+    def run(self, stages: list[Stage], targets: tuple[str, ...] | None = None) -> dict[str, Artifact]:
+        """Run `stages` in dependency order; with `targets`, only those and what they depend on."""
         results: dict[str, Artifact] = {}
-        for stage in topological_order(stages):
+        ordered = topological_order(stages)
+        if targets is not None:
+            needed = _ancestors({s.name: s for s in ordered}, targets)
+            ordered = [s for s in ordered if s.name in needed]
+        for stage in ordered:
             started = time.perf_counter()
             checkpoint("stage.before")
             inputs = {name: results[name] for name in stage.inputs}
@@ -101,6 +106,10 @@ class Runner:
             fp = f" [{artifact.fingerprint[:12]}]" if artifact.fingerprint else ""
             log.info("stage %-15s %-9s %6.2fs%s", stage.name, status, report.seconds, fp)
         return results
+
+    def scratch_dir(self, stage: Stage, inputs: dict[str, Artifact]) -> Path:
+        """Where a cached stage keeps its chunked progress: lets several workers fill one stage's chunks."""
+        return self.cache_dir / stage.name / f"{stage.fingerprint(inputs)}.partial"
 
     def _run_one(self, stage: Stage, inputs: dict[str, Artifact]) -> tuple[Artifact, str]:
         if stage.kind == SINK:
@@ -149,6 +158,16 @@ class Runner:
         finally:
             _discard(tmp)
         _discard(scratch)
+
+
+def _ancestors(by_name: dict[str, Stage], targets: tuple[str, ...]) -> set[str]:
+    needed, todo = set(), list(targets)
+    while todo:
+        name = todo.pop()
+        if name not in needed:
+            needed.add(name)
+            todo.extend(by_name[name].inputs)
+    return needed
 
 
 def topological_order(stages: list[Stage]) -> list[Stage]:

@@ -1,6 +1,7 @@
 """Fault injection for the reliability suite (off unless PIPELINE_FAULT is set).
 
-`PIPELINE_FAULT=<point>:<n>` sends SIGKILL to this process the n-th time execution reaches `checkpoint(point)`,
+`PIPELINE_FAULT=<point>:<n>[@<rank>]` sends SIGKILL to this process the n-th time execution reaches
+`checkpoint(point)` (with `@rank`, only in the torchrun process of that RANK),
 which is as abrupt as a power cut for everything above the OS: no `finally`, no atexit, no flush. The points sit
 where a crash is most likely to leave something half done (between a write and its rename, between chunks,
 between stages). Costs one dict lookup per checkpoint when unset.
@@ -27,6 +28,9 @@ _hits: Counter = Counter()
 def _target() -> tuple[str, int] | None:
     value = os.environ.get(ENV)
     if not value:
+        return None
+    value, _, rank = value.partition("@")
+    if rank and rank != os.environ.get("RANK", "0"):
         return None
     point, _, count = value.rpartition(":")
     if point not in POINTS or not count.isdigit():

@@ -170,6 +170,22 @@ def encode_images(ctx: StageContext, inputs: dict[str, Artifact], *, res: Resour
     write_json(ctx.out / "chunks.json", {"chunks": chunk_files, "count": len(records)})
 
 
+def encode_shard(scratch: Path, inputs: dict[str, Artifact], res: Resources, index: int, count: int) -> int:
+    """Encode only the chunks of shard `index` of `count` (chunk k belongs to shard k % count) into the
+    stage's scratch store; the stage itself, run later by one process, finds them done and seals them.
+    Returns the number of chunks this call encoded."""
+    records = read_records(inputs["discover"])
+    store = ChunkStore(scratch)
+    done = store.completed()
+    plan = chunk_plan(len(records), res.chunk_size)
+    mine = [span for k, span in enumerate(plan) if k % count == index and chunk_key(*span) not in done]
+    log.info("shard %d/%d: %d chunks to encode (%d of its chunks already done)", index, count, len(mine),
+             sum(1 for k, span in enumerate(plan) if k % count == index) - len(mine))
+    if mine:
+        _encode_chunks(records, mine, store, res)
+    return len(mine)
+
+
 def _encode_chunks(records: list[ImageRecord], pending: list[tuple[int, int]], store: ChunkStore,
                    res: Resources) -> None:
     model = res.model

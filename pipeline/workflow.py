@@ -17,7 +17,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 from omegaconf import DictConfig, OmegaConf
 
-from . import devices, stages
+from . import devices, distributed, stages
 from .dag import CACHED, Artifact, CONTENT, SINK, Runner, Stage, StageReport
 from .errors import UserError
 from .labels import LabelSet, build_label_set, check_language
@@ -51,11 +51,17 @@ class RunSummary:
     reports: list[StageReport]
     artifacts: dict[str, Artifact] = field(default_factory=dict)
     counters: dict = field(default_factory=dict)
+    shard: distributed.Shard | None = None  # set when this process only encoded a shard
 
     def stage_seconds(self, name: str) -> float:
         return sum(r.seconds for r in self.reports if r.name == name)
 
     def line(self) -> str:
+        if self.shard is not None:
+            then = ("rank 0 merges and writes the results" if self.shard.distributed else
+                    "when every shard is done, run once more without shard.* to merge and write the results")
+            return (f"shard {self.shard.index}/{self.shard.count} done in {self.seconds:.1f}s "
+                    f"({self.reports[-1].status}); {then}")
         stage_states = ", ".join(f"{r.name} {r.status}" for r in self.reports)
         rate = self.classified / self.seconds if self.seconds else 0.0
         return (f"{self.classified}/{self.discovered} images classified, {self.errors} errors, "
@@ -78,7 +84,7 @@ def _positive(name: str, value: int) -> int:
     return int(value)
 
 
-def plan(cfg: DictConfig, preloaded: LoadedModel | None = None) -> Plan:
+def plan(cfg: DictConfig, preloaded: LoadedModel | None = None, device_index: int | None = None) -> Plan:
     """Validate the config against the world (files, model, device) and build the stages."""
     batch_size = _positive("encode.batch_size", cfg.encode.batch_size)
     chunk_size = _positive("encode.chunk_size", cfg.encode.chunk_size)
@@ -90,8 +96,8 @@ def plan(cfg: DictConfig, preloaded: LoadedModel | None = None) -> Plan:
     dataset = _dataset_location(cfg)
     if cfg.encode.warmup_image and not Path(cfg.encode.warmup_image).is_file():
         raise UserError(f"warm-up image not found: '{cfg.encode.warmup_image}' (encode.warmup_image)")
-    choice = devices.resolve(cfg.device.type.value, cfg.device.dtype.value, cfg.device.index,
-                             cpu_half=cfg.device.cpu_half)
+    index = cfg.device.index if device_index is None else device_index
+    choice = devices.resolve(cfg.device.type.value, cfg.device.dtype.value, index, cpu_half=cfg.device.cpu_half)
     cache_dir = Path(cfg.cache_dir)
     out_dir = Path(cfg.output_dir)
     for directory, what in ((cache_dir, "cache_dir (CACHE=)"), (out_dir, "the run directory (OUT=)")):
@@ -163,9 +169,17 @@ def _dataset_location(cfg: DictConfig) -> Path:
 
 def run(cfg: DictConfig, preloaded: LoadedModel | None = None) -> RunSummary:
     started = time.perf_counter()
-    the_plan = plan(cfg, preloaded)
+    shard = distributed.from_environment(cfg.shard.index, cfg.shard.count)
+    the_plan = plan(cfg, preloaded, shard.local_rank if shard.distributed else None)
+    distributed.init(shard, the_plan.resources.device.device.type, cfg.shard.timeout_hours)
     runner = Runner(the_plan.cache_dir)
     try:
+        if shard.count > 1:
+            _encode_own_shard(the_plan, runner, shard)
+            distributed.barrier(shard)
+            if not shard.merges:
+                return RunSummary(0, 0, 0, time.perf_counter() - started, the_plan.out_dir, runner.reports,
+                                  counters=the_plan.resources.counters, shard=shard)
         results = runner.run(the_plan.stages)
     except OSError as exc:
         if exc.errno not in _WRITE_ERRNOS:
@@ -173,12 +187,25 @@ def run(cfg: DictConfig, preloaded: LoadedModel | None = None) -> RunSummary:
         raise UserError(f"cannot write '{exc.filename or the_plan.cache_dir}': {exc.strerror}. Free some space or "
                         "choose another CACHE= / OUT=; the checkpoints already written stay valid and the same "
                         "command resumes from them") from exc
+    finally:
+        distributed.finish(shard)
     counts = stages.read_counts(results["classify"])
     if counts["discovered"] == 0:
         log.warning("no images found under %s (extensions: %s); outputs are empty", the_plan.resources.dataset,
                     ", ".join(cfg.dataset.extensions))
     return RunSummary(counts["discovered"], counts["classified"], counts["errors"], time.perf_counter() - started,
                       the_plan.out_dir, runner.reports, results, the_plan.resources.counters)
+
+
+def _encode_own_shard(the_plan: Plan, runner: Runner, shard: distributed.Shard) -> None:
+    upstream = runner.run(the_plan.stages, targets=("discover",))
+    encode = next(s for s in the_plan.stages if s.name == "encode_images")
+    inputs = {name: upstream[name] for name in encode.inputs}
+    started = time.perf_counter()
+    chunks = stages.encode_shard(runner.scratch_dir(encode, inputs), inputs, the_plan.resources, shard.index,
+                                 shard.count)
+    runner.reports.append(StageReport(f"encode_images[shard {shard.index}/{shard.count}]",
+                                      "ran" if chunks else "reused", time.perf_counter() - started))
 
 
 def label_distribution(out_dir: Path, limit: int | None = None) -> list[tuple[str, list[tuple[str, float]]]]:

@@ -1,0 +1,74 @@
+"""Data parallelism over devices and machines: torchrun ranks, or independent shard jobs.
+
+Sharding is by checkpoint chunk (chunk k belongs to shard k % count), so each shard writes the very chunks a
+one-process run would write, with the same batches inside them: the merged outputs are identical, and a rerun
+after any failure skips every chunk that was finished, whichever shard made it. Under torchrun the shards are the
+ranks (backend from the device: gloo on CPU, nccl on CUDA, hccl on NPU) and rank 0 merges once all ranks pass a
+barrier; as independent jobs (`shard.index`, `shard.count`, e.g. a SLURM array) a final ordinary run merges.
+The cache directory must be shared by all shards (one filesystem, e.g. NFS/Lustre on a cluster).
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+BACKENDS = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}
+
+
+@dataclass(frozen=True)
+class Shard:
+    index: int
+    count: int
+    distributed: bool  # ranks of one torchrun job (else independent jobs)
+    local_rank: int = 0
+
+    @property
+    def merges(self) -> bool:
+        """Whether this process writes the results: rank 0 of a torchrun job, or any unsharded run."""
+        return self.count == 1 or (self.distributed and self.index == 0)
+
+
+def from_environment(index: int, count: int) -> Shard:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        if count != 1:
+            raise UserError("shard.count is set inside a torchrun job; use one or the other")
+        rank = int(os.environ["RANK"])
+        return Shard(rank, world, True, int(os.environ.get("LOCAL_RANK", rank)))
+    if count < 1 or not 0 <= index < count:
+        raise UserError(f"shard.index={index} shard.count={count}: need 0 <= index < count")
+    return Shard(index, count, False)
+
+
+def init(shard: Shard, device_type: str, timeout_hours: float) -> None:
+    """Join the torchrun process group (the barrier waits for the slowest shard, hence a long timeout)."""
+    if not shard.distributed:
+        return
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = BACKENDS[device_type]
+        log.info("rank %d/%d joining process group (%s)", shard.index, shard.count, backend)
+        dist.init_process_group(backend, timeout=datetime.timedelta(hours=timeout_hours))
+
+
+def barrier(shard: Shard) -> None:
+    if shard.distributed:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def finish(shard: Shard) -> None:
+    if shard.distributed:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
