@@ -12,7 +12,7 @@ sq = '$(subst ','\'',$(1))'
 flag = $(if $(2),$(1) $(call sq,$(2)))
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test reliability bench classify precision clean
+.PHONY: help install demo test reliability bench classify precision report clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  %-12s %s\n", $$1, $$2}'
@@ -62,6 +62,9 @@ precision: $(STAMP) ## make precision MODEL=dir DATASET=dir [DEVICE=..] [DTYPE=.
 	  $(call flag,--label_file,$(LABELS)) $(call flag,--label_list,$(LABEL_LIST)) \
 	  $(call flag,--results_save_path,$(OUT)) $(call flag,--device,$(DEVICE)) \
 	  $(call flag,--dtype,$(DTYPE)) $(call flag,--batch_size,$(BATCH)) $(ARGS)
+
+report: $(STAMP) ## Rebuild report.html of an earlier run: make report RUN=dir
+	$(PY) jobs/report.py $(call sq,$(RUN))
 
 clean: ## Remove run outputs and the cache (keeps .venv)
 	rm -rf outputs/runs outputs/multirun outputs/cache

@@ -56,6 +56,8 @@ class DatasetConfig:
     path: Optional[str] = None  # a folder, searched recursively
     image: Optional[str] = None  # or one image: its label distribution is printed
     extensions: List[str] = field(default_factory=lambda: [e.lstrip(".") for e in DEFAULT_EXTENSIONS])
+    truth: Optional[str] = None  # null/auto: folder-per-class when every top folder is a label; "folders"; or a
+    truth_column: str = "label"  # CSV/parquet file with columns path,<truth_column>
 
 
 @dataclass

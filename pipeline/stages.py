@@ -27,6 +27,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from . import evaluation
 from .dag import Artifact, ChunkStore, StageContext
 from .devices import DeviceChoice
 from .faults import checkpoint
@@ -43,6 +44,7 @@ IMAGES_FILE = "images.parquet"
 # Paths as raw bytes: a file name that is not valid UTF-8 must still round-trip to the same file.
 IMAGES_SCHEMA = pa.schema([("path", pa.binary()), ("size", pa.int64()), ("mtime_ns", pa.int64())])
 OUTPUT_FILES = ("predictions.parquet", "errors.parquet", "res.json")
+EVALUATION_FILES = ("metrics.parquet", "confusion.parquet")  # only when ground truth is known
 
 
 @dataclass
@@ -261,9 +263,25 @@ def builtin_warmup_image():
 
 # ---------------------------------------------------------------------------------------------------- classify
 
+def load_truth(ctx: StageContext, inputs: dict[str, Artifact], *, source: str | None, column: str,
+               labels: tuple[str, ...]) -> None:
+    """Ground truth per image path (empty when none is known); see pipeline/evaluation.py for the rules."""
+    if source in (None, "", "auto", "folders"):
+        paths = [r.path for r in read_records(inputs["discover"])]
+        truth = evaluation.truth_from_folders(paths, labels, forced=source == "folders")
+    else:
+        truth = evaluation.truth_from_file(source, column)
+    if truth and not set(truth.values()) & set(labels):
+        log.warning("ground truth labels (%s ...) share nothing with the label set; no metrics are computed",
+                    ", ".join(sorted(set(truth.values()))[:5]))
+        truth = {}
+    evaluation.write_truth(ctx.out / "truth.parquet", truth)
+
+
 def classify(ctx: StageContext, inputs: dict[str, Artifact], *, topk: int, metadata: dict,
              min_score: float | None = None, unknown_label: str = "unknown") -> None:
     records = read_records(inputs["discover"])
+    truth = evaluation.read_truth(inputs["truth"].file("truth.parquet"))
     labels_art = inputs["encode_labels"]
     label_info = read_json(labels_art.file("labels.json"))
     text = torch.from_numpy(np.load(labels_art.file("text_embeddings.npy")))
@@ -272,13 +290,21 @@ def classify(ctx: StageContext, inputs: dict[str, Artifact], *, topk: int, metad
                                     min_score, unknown_label)
     errors = ErrorsWriter(ctx.out / "errors.parquet")
     res_json = ResJsonWriter(ctx.out / "res.json")
+    metrics = evaluation.MetricsAccumulator(label_info["labels"]) if truth else None
     try:
         for chunk in iter_chunks(inputs["encode_images"]):
-            _classify_chunk(chunk, records, text, scale, topk, predictions, errors, res_json)
+            _classify_chunk(chunk, records, text, scale, topk, predictions, errors, res_json, truth, metrics)
     finally:
         predictions.close(), errors.close(), res_json.close()
-    write_json(ctx.out / "counts.json", {"discovered": len(records), "classified": predictions.rows,
-                                         "errors": errors.rows})
+    counts = {"discovered": len(records), "classified": predictions.rows, "errors": errors.rows}
+    if metrics is not None and metrics.total:
+        pq.write_table(metrics.metrics_table(), ctx.out / "metrics.parquet")
+        pq.write_table(metrics.confusion_table(), ctx.out / "confusion.parquet")
+        counts["metrics"] = metrics.headline()
+        if metrics.outside_label_set:
+            log.warning("%d images have a true label outside the label set (%s ...); they count as misses",
+                        sum(metrics.outside_label_set.values()), ", ".join(list(metrics.outside_label_set)[:5]))
+    write_json(ctx.out / "counts.json", counts)
 
 
 def probabilities(image_embeddings: torch.Tensor, text_embeddings: torch.Tensor, logit_scale: float) -> np.ndarray:
@@ -287,7 +313,8 @@ def probabilities(image_embeddings: torch.Tensor, text_embeddings: torch.Tensor,
 
 
 def _classify_chunk(chunk: pa.Table, records: list[ImageRecord], text: torch.Tensor, scale: float, topk: int,
-                    predictions: PredictionsWriter, errors: ErrorsWriter, res_json: ResJsonWriter) -> None:
+                    predictions: PredictionsWriter, errors: ErrorsWriter, res_json: ResJsonWriter,
+                    truth: dict[str, str], metrics: evaluation.MetricsAccumulator | None) -> None:
     index = chunk.column("index").to_numpy()
     ok = chunk.column("ok").to_numpy(zero_copy_only=False)
     paths = [records[i].path for i in index]
@@ -301,7 +328,11 @@ def _classify_chunk(chunk: pa.Table, records: list[ImageRecord], text: torch.Ten
     probs = probabilities(torch.from_numpy(np.ascontiguousarray(emb)), text, scale)
     sizes = np.stack([chunk.column("width").to_numpy()[good], chunk.column("height").to_numpy()[good]], axis=1)
     good_paths = [paths[i] for i in good]
-    res_json.write(good_paths, predictions.write(good_paths, probs, topk, sizes))
+    truths = [truth.get(p) for p in good_paths]
+    predicted = predictions.write(good_paths, probs, topk, sizes, truths)
+    res_json.write(good_paths, predicted)
+    if metrics is not None:
+        metrics.add(truths, predicted, probs)
     checkpoint("classify.row_group")
 
 
@@ -313,6 +344,11 @@ def publish(ctx: StageContext, inputs: dict[str, Artifact], *, out_dir: Path) ->
 
     out_dir.mkdir(parents=True, exist_ok=True)
     source = inputs["classify"]
+    for name in EVALUATION_FILES:
+        if source.file(name).exists():
+            copy_atomic(source.file(name), out_dir / name)
+        else:
+            (out_dir / name).unlink(missing_ok=True)  # a stale file from an earlier run into this folder
     for name in OUTPUT_FILES:  # res.json last: its presence says the others are current
         copy_atomic(source.file(name), out_dir / name)
         checkpoint("publish.file")

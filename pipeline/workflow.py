@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.EFBIG}
 
 # Bump when a stage's output format or semantics change: old cache entries then stop matching.
-STAGE_VERSIONS = {"discover": 1, "encode_labels": 1, "encode_images": 1, "classify": 1}
+STAGE_VERSIONS = {"discover": 1, "truth": 1, "encode_labels": 1, "encode_images": 1, "classify": 1}
 
 
 @dataclass
@@ -115,9 +115,15 @@ def plan(cfg: DictConfig, preloaded: LoadedModel | None = None, device_index: in
                           "fingerprint": model_fp},
                 "label_set": label_set.to_dict(), "template": label_set.template,
                 "templates": list(label_set.templates),
+                "dataset": {"root": str(res.root.resolve())},
                 "config": {"dtype": choice.dtype_name, "topk": topk, "preprocess": spec.to_dict(),
                            "draft": cfg.preprocess.draft}}
     extensions = tuple(str(e) for e in cfg.dataset.extensions)
+    truth_source = cfg.dataset.truth
+    if truth_source not in (None, "auto", "folders"):
+        truth_source = str(Path(truth_source).resolve())
+        if not Path(truth_source).is_file():
+            raise UserError(f"truth file not found: '{cfg.dataset.truth}' (dataset.truth)")
     unknown = {"min_score": cfg.classify.min_score, "unknown_label": cfg.classify.unknown_label}
     if unknown["unknown_label"] in label_set.labels:
         raise UserError(f"classify.unknown_label={unknown['unknown_label']!r} is also one of the labels; "
@@ -133,8 +139,12 @@ def plan(cfg: DictConfig, preloaded: LoadedModel | None = None, device_index: in
               params={"model": model_fp, "preprocess": spec.to_dict(), "draft": cfg.preprocess.draft,
                       "max_pixels": cfg.preprocess.max_pixels, "dtype": choice.dtype_name},
               version=STAGE_VERSIONS["encode_images"], kind=CACHED),
+        Stage("truth", functools.partial(stages.load_truth, source=truth_source, column=cfg.dataset.truth_column,
+                                         labels=label_set.labels), inputs=("discover",),
+              params={"source": truth_source, "column": cfg.dataset.truth_column, "labels": list(label_set.labels)},
+              version=STAGE_VERSIONS["truth"], kind=CONTENT),
         Stage("classify", functools.partial(stages.classify, topk=topk, metadata=metadata, **unknown),
-              inputs=("discover", "encode_labels", "encode_images"),
+              inputs=("discover", "truth", "encode_labels", "encode_images"),
               params={"topk": topk, "metadata": metadata, **unknown},
               version=STAGE_VERSIONS["classify"], kind=CACHED),
         Stage("publish", functools.partial(stages.publish, out_dir=out_dir), inputs=("classify",), kind=SINK),
@@ -193,6 +203,8 @@ def run(cfg: DictConfig, preloaded: LoadedModel | None = None) -> RunSummary:
     if counts["discovered"] == 0:
         log.warning("no images found under %s (extensions: %s); outputs are empty", the_plan.resources.dataset,
                     ", ".join(cfg.dataset.extensions))
+    if counts.get("metrics"):
+        log.info("against ground truth: %s (metrics.parquet, confusion.parquet)", counts["metrics"])
     return RunSummary(counts["discovered"], counts["classified"], counts["errors"], time.perf_counter() - started,
                       the_plan.out_dir, runner.reports, results, the_plan.resources.counters)
 

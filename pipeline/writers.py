@@ -35,6 +35,7 @@ def predictions_schema(metadata: dict[str, Any]) -> pa.Schema:
         pa.field("probs", pa.list_(pa.float32()), nullable=False),
         pa.field("width", pa.int32(), nullable=False),
         pa.field("height", pa.int32(), nullable=False),
+        pa.field("truth", pa.string(), nullable=True),  # ground truth when known (dataset.truth), else null
     ]
     return pa.schema(fields, metadata={METADATA_KEY: json.dumps(metadata, ensure_ascii=False, sort_keys=True)})
 
@@ -57,7 +58,8 @@ class PredictionsWriter:
         self._writer = pq.ParquetWriter(path, self.schema, compression="zstd")
         self.rows = 0
 
-    def write(self, paths: Sequence[str], probs: np.ndarray, topk: int, sizes: np.ndarray) -> np.ndarray:
+    def write(self, paths: Sequence[str], probs: np.ndarray, topk: int, sizes: np.ndarray,
+              truths: Sequence[str | None]) -> np.ndarray:
         """One row group: `probs` is (n, L) float32; `sizes` is (n, 2) width, height. Returns the top labels."""
         n, num_labels = probs.shape
         k = min(topk, num_labels)
@@ -81,6 +83,7 @@ class PredictionsWriter:
             pa.ListArray.from_arrays(offsets_l, pa.array(probs.reshape(-1).astype(np.float32))),
             pa.array(sizes[:, 0].astype(np.int32)),
             pa.array(sizes[:, 1].astype(np.int32)),
+            pa.array(truths, pa.string()),
         ], schema=self.schema)
         self._writer.write_table(table)
         self.rows += n
