@@ -117,6 +117,7 @@ class RunConfig:
     output_dir: str = "${hydra:runtime.output_dir}"
     cache_dir: str = "outputs/cache"
     progress: bool = True
+    report: bool = True  # write report.html (summary, charts, galleries, errors) into the run directory
 
 
 def register() -> None:
@@ -134,8 +135,8 @@ FLAG_OVERRIDES = {
     "--input_text": ("labels.template",),
     "--label_list": ("labels.list", "labels.name=custom"),
     "--label_file": ("labels.file", "labels.name=custom"),
-    "--input_image": ("dataset.image", "dataset.path=null"),
-    "--dataset_path": ("dataset.path",),
+    "--input_image": ("dataset.image", "dataset=custom"),
+    "--dataset_path": ("dataset.path", "dataset=custom"),
     "--warmup_image_path": ("encode.warmup_image",),
     "--results_save_path": ("hydra.run.dir",),
     "--device": ("device.type",),

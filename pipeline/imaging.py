@@ -86,8 +86,11 @@ class PreprocessSpec:
 
 
 def decode(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS,
-           draft_for: PreprocessSpec | None = None) -> Image.Image:
-    """Open an image file as an RGB PIL image; raise ImageDecodeError with a precise reason otherwise."""
+           draft_for: PreprocessSpec | None = None, draft_size: tuple[int, int] | None = None) -> Image.Image:
+    """Open an image file as an RGB PIL image; raise ImageDecodeError with a precise reason otherwise.
+
+    `draft_for` (a preprocessing spec) or `draft_size` (width, height) let a JPEG decode at reduced scale, never
+    below that size."""
     try:
         # A FIFO or device named *.jpg would block or stream forever once opened: refuse anything not a file.
         if not stat.S_ISREG(os.stat(path).st_mode):
@@ -101,7 +104,10 @@ def decode(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS,
                 raise ImageDecodeError("DecompressionBombError", f"{img.width}x{img.height} pixels exceeds "
                                        f"preprocess.max_pixels={max_pixels} (possible decompression bomb)")
             if draft_for is not None:
-                _draft(img, draft_for)
+                draft_size = draft_for.resize_target(img.width, img.height)
+            if draft_size is not None and img.format == "JPEG":
+                # DCT scaling decodes at 1/2, 1/4 or 1/8 size, never below the requested size.
+                img.draft("RGB", draft_size)
             img.load()  # first frame of an animation; raises on truncated data
             # Pixel data is loaded, so the result stays valid once the file is closed.
             return to_rgb(ImageOps.exif_transpose(img) or img)
@@ -131,14 +137,6 @@ def _why_unidentified(path: str | os.PathLike) -> tuple[str, str]:
             except Exception as exc:  # noqa: BLE001 - the decoder's own complaint is the diagnosis
                 return type(exc).__name__, f"looks like {fmt} but {exc}"
     return "UnidentifiedImageError", "not a recognised image format (no decoder matches its first bytes)"
-
-
-def _draft(img: Image.Image, spec: PreprocessSpec) -> None:
-    # JPEG DCT scaling decodes at 1/2, 1/4 or 1/8 size, never below the requested size: ask for the resize
-    # target so the later resize still starts from at least as many pixels as it outputs.
-    target = spec.resize_target(img.width, img.height)
-    if target is not None and img.format == "JPEG":
-        img.draft("RGB", target)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

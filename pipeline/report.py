@@ -12,9 +12,6 @@ import base64
 import io
 import json
 import math
-import os
-import stat
-import warnings
 from html import escape
 from pathlib import Path
 from typing import Any, Iterable
@@ -22,9 +19,9 @@ from typing import Any, Iterable
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
-from PIL import Image, ImageOps
+from PIL import Image
 
-from .imaging import to_rgb
+from .imaging import ImageDecodeError, decode
 from .storage import atomic_open
 from .writers import METADATA_KEY
 
@@ -204,7 +201,7 @@ def _card(key: str, value: str, bad: bool = False) -> str:
 
 
 def _label_counts(counts: pd.Series) -> str:
-    head = f'<section id="label-counts">\n<h2>Images per predicted label</h2>\n'
+    head = '<section id="label-counts">\n<h2>Images per predicted label</h2>\n'
     if counts.empty:
         return head + '<p class="note">No predictions.</p>\n</section>'
     shown = counts.iloc[:MAX_BAR_LABELS]
@@ -359,22 +356,12 @@ def _thumbs(rows: pd.DataFrame, dataset_root: Path | None, kind: str) -> str:
 def _thumbnail(path: Path) -> str | None:
     """A base64 JPEG at most THUMB_SIDE px on its longer side, or None if the file can't be read as an image."""
     try:
-        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO named x.jpg would block forever
-            return None
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with Image.open(path) as img:
-                if img.width * img.height > THUMB_MAX_PIXELS:
-                    return None
-                if img.format == "JPEG":
-                    img.draft("RGB", (THUMB_SIDE, THUMB_SIDE))  # DCT-scaled decode: fast for big photos
-                img.load()
-                rgb = to_rgb(ImageOps.exif_transpose(img) or img)
+        rgb = decode(path, max_pixels=THUMB_MAX_PIXELS, draft_size=(THUMB_SIDE, THUMB_SIDE))
         rgb.thumbnail((THUMB_SIDE, THUMB_SIDE), Image.Resampling.BICUBIC)
         buf = io.BytesIO()
         rgb.save(buf, "JPEG", quality=THUMB_QUALITY, optimize=True)
         return base64.b64encode(buf.getvalue()).decode("ascii")
-    except Exception:  # noqa: BLE001 - a broken image becomes a placeholder, never a failed report
+    except (ImageDecodeError, OSError):  # a broken image becomes a placeholder, never a failed report
         return None
 
 

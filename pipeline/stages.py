@@ -354,5 +354,11 @@ def publish(ctx: StageContext, inputs: dict[str, Artifact], *, out_dir: Path) ->
         checkpoint("publish.file")
 
 
+def write_report(ctx: StageContext, inputs: dict[str, Artifact], *, out_dir: Path, dataset_root: Path) -> None:
+    from .report import build_report
+
+    build_report(out_dir, dataset_root)
+
+
 def read_counts(artifact: Artifact) -> dict:
     return json.loads(artifact.file("counts.json").read_text())

@@ -149,6 +149,9 @@ def plan(cfg: DictConfig, preloaded: LoadedModel | None = None, device_index: in
               version=STAGE_VERSIONS["classify"], kind=CACHED),
         Stage("publish", functools.partial(stages.publish, out_dir=out_dir), inputs=("classify",), kind=SINK),
     ]
+    if cfg.report:
+        stage_list.append(Stage("report", functools.partial(stages.write_report, out_dir=out_dir,
+                                                            dataset_root=res.root), inputs=("publish",), kind=SINK))
     return Plan(stage_list, res, label_set, out_dir, cache_dir)
 
 

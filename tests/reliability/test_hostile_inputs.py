@@ -11,10 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
-import pytest
 from PIL import Image
 
-from .conftest import ROOT, STATS, job_command, run_job
+from .conftest import STATS, job_command, run_job
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow.parquet as pq
-import pytest
 from PIL import Image
 
 from .conftest import FULL, job_command, run_job
@@ -29,8 +28,6 @@ def _make_images(root, count):
 
 
 def _peak_rss_mb(tmp_path, count):
-    import resource
-    import subprocess
     import sys
 
     data = tmp_path / f"data{count}"
