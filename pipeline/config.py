@@ -80,6 +80,7 @@ class EncodeConfig:
 class PreprocessConfig:
     draft: bool = False  # reduced-scale JPEG decoding: faster, not bit-equal to the HF processor
     max_pixels: int = DEFAULT_MAX_PIXELS
+    timeout: float = 60.0  # seconds per image; a decoder that spins longer is reported, not waited for
 
 
 @dataclass

@@ -110,6 +110,10 @@ class LoadedModel:
         self.spec = PreprocessSpec.from_hf(processor)
 
     @property
+    def embedding_dim(self) -> int:
+        return int(self.model.config.projection_dim)
+
+    @property
     def logit_scale(self) -> float:
         return float(self.model.logit_scale.detach().float().exp().cpu())
 

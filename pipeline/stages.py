@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -60,6 +62,7 @@ class Resources:
     chunk_size: int = 1024
     draft: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
+    timeout: float = 60.0
     warmup_image: str | None = None
     progress: bool = True
     counters: dict = field(default_factory=dict)
@@ -119,24 +122,47 @@ CHUNK_SCHEMA_FIELDS = [("index", pa.int64()), ("width", pa.int32()), ("height", 
                        ("error_type", pa.string()), ("error_message", pa.string())]
 
 
-class ImageFiles(Dataset):
-    """Decode + preprocess in DataLoader workers; a bad file yields an error record, never an exception."""
+class DecodeTimeout(Exception):
+    pass
 
-    def __init__(self, root: Path, paths: list[str], spec: PreprocessSpec, draft: bool, max_pixels: int) -> None:
+
+def _on_alarm(signum, frame):
+    raise DecodeTimeout()
+
+
+class ImageFiles(Dataset):
+    """Decode + preprocess in DataLoader workers; a bad file yields an error record, never an exception.
+
+    Each image gets `timeout` seconds (SIGALRM in the worker): a file that makes a decoder spin or block is
+    reported as DecodeTimeout instead of hanging the run."""
+
+    def __init__(self, root: Path, paths: list[str], spec: PreprocessSpec, draft: bool, max_pixels: int,
+                 timeout: float = 0.0) -> None:
         self.root, self.paths, self.spec, self.draft, self.max_pixels = root, paths, spec, draft, max_pixels
+        self.timeout = timeout
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple:
+        armed = self.timeout > 0 and threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGALRM, _on_alarm) if armed else None
         try:
+            if armed:
+                signal.setitimer(signal.ITIMER_REAL, self.timeout)
             pixels, (width, height) = load_and_preprocess(self.root / self.paths[index], self.spec,
                                                           draft=self.draft, max_pixels=self.max_pixels)
             return index, pixels, width, height, None, None
         except ImageDecodeError as exc:
             return index, None, -1, -1, exc.kind, str(exc)
+        except DecodeTimeout:
+            return index, None, -1, -1, "DecodeTimeout", f"decoding took over {self.timeout:g}s (preprocess.timeout)"
         except Exception as exc:  # noqa: BLE001 - one odd file must never end a million-image run
             return index, None, -1, -1, type(exc).__name__, str(exc) or repr(exc)
+        finally:
+            if armed:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+                signal.signal(signal.SIGALRM, previous)
 
 
 def collate(items: list[tuple]) -> tuple[list[tuple], torch.Tensor | None]:
@@ -196,7 +222,7 @@ def _encode_chunks(records: list[ImageRecord], pending: list[tuple[int, int]], s
     # would have, which keeps CPU fp32 results bit-identical.
     batches = [list(range(b, min(b + res.batch_size, end))) for start, end in pending
                for b in range(start, end, res.batch_size)]
-    dataset = ImageFiles(res.root, [r.path for r in records], res.spec, res.draft, res.max_pixels)
+    dataset = ImageFiles(res.root, [r.path for r in records], res.spec, res.draft, res.max_pixels, res.timeout)
     loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=res.num_workers,
                         prefetch_factor=4 if res.num_workers else None, persistent_workers=False,
                         pin_memory=res.device.is_accelerator)
@@ -212,13 +238,13 @@ def _encode_chunks(records: list[ImageRecord], pending: list[tuple[int, int]], s
             rows.extend(meta)
             bar.update(len(meta))
             if rows and rows[-1][0] == current[1] - 1:
-                _write_chunk(store, current, rows, embeddings)
+                _write_chunk(store, current, rows, embeddings, model.embedding_dim)
                 rows, embeddings = [], []
                 current = next(remaining, None)
 
 
-def _write_chunk(store: ChunkStore, span: tuple[int, int], rows: list[tuple], embeddings: list[np.ndarray]) -> None:
-    dim = embeddings[0].shape[1] if embeddings else 0
+def _write_chunk(store: ChunkStore, span: tuple[int, int], rows: list[tuple], embeddings: list[np.ndarray],
+                 dim: int) -> None:
     matrix = np.concatenate(embeddings) if embeddings else np.zeros((0, dim), np.float32)
     full = np.zeros((len(rows), dim), np.float32)
     ok = np.array([r[3] is None for r in rows], dtype=bool)
@@ -279,7 +305,7 @@ def load_truth(ctx: StageContext, inputs: dict[str, Artifact], *, source: str | 
 
 
 def classify(ctx: StageContext, inputs: dict[str, Artifact], *, topk: int, metadata: dict,
-             min_score: float | None = None, unknown_label: str = "unknown") -> None:
+             min_score: float | None = None, unknown_label: str = "unknown", progress: bool = False) -> None:
     records = read_records(inputs["discover"])
     truth = evaluation.read_truth(inputs["truth"].file("truth.parquet"))
     labels_art = inputs["encode_labels"]
@@ -291,8 +317,10 @@ def classify(ctx: StageContext, inputs: dict[str, Artifact], *, topk: int, metad
     errors = ErrorsWriter(ctx.out / "errors.parquet")
     res_json = ResJsonWriter(ctx.out / "res.json")
     metrics = evaluation.MetricsAccumulator(label_info["labels"]) if truth else None
+    chunks = read_json(inputs["encode_images"].file("chunks.json"))["chunks"]
     try:
-        for chunk in iter_chunks(inputs["encode_images"]):
+        for chunk in tqdm(iter_chunks(inputs["encode_images"]), total=len(chunks), unit="chunk", desc="classify",
+                          disable=not progress):
             _classify_chunk(chunk, records, text, scale, topk, predictions, errors, res_json, truth, metrics)
     finally:
         predictions.close(), errors.close(), res_json.close()

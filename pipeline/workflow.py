@@ -108,7 +108,8 @@ def plan(cfg: DictConfig, preloaded: LoadedModel | None = None, device_index: in
     workers = cfg.encode.num_workers if cfg.encode.num_workers is not None else default_workers(choice)
     res = stages.Resources(dataset=dataset, model_info=info, device=choice, spec=spec, batch_size=batch_size,
                            num_workers=int(workers), chunk_size=chunk_size, draft=cfg.preprocess.draft,
-                           max_pixels=cfg.preprocess.max_pixels, warmup_image=cfg.encode.warmup_image,
+                           max_pixels=cfg.preprocess.max_pixels, timeout=cfg.preprocess.timeout,
+                           warmup_image=cfg.encode.warmup_image,
                            progress=cfg.progress, preloaded=preloaded)
     model_name = cfg.model.name or info.path.resolve().name
     metadata = {"model": {"name": model_name, "path": str(info.path), "family": info.family,
@@ -143,7 +144,8 @@ def plan(cfg: DictConfig, preloaded: LoadedModel | None = None, device_index: in
                                          labels=label_set.labels), inputs=("discover",),
               params={"source": truth_source, "column": cfg.dataset.truth_column, "labels": list(label_set.labels)},
               version=STAGE_VERSIONS["truth"], kind=CONTENT),
-        Stage("classify", functools.partial(stages.classify, topk=topk, metadata=metadata, **unknown),
+        Stage("classify", functools.partial(stages.classify, topk=topk, metadata=metadata, progress=cfg.progress,
+                                            **unknown),
               inputs=("discover", "truth", "encode_labels", "encode_images"),
               params={"topk": topk, "metadata": metadata, **unknown},
               version=STAGE_VERSIONS["classify"], kind=CACHED),

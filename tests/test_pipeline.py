@@ -200,3 +200,12 @@ def test_empty_dataset_gives_empty_outputs(compose, tmp_path):
     assert (summary.discovered, summary.classified, summary.errors) == (0, 0, 0)
     assert json.loads((summary.out_dir / "res.json").read_text()) == {}
     assert len(pd.read_parquet(summary.out_dir / "predictions.parquet")) == 0
+
+
+def test_decode_timeout_reported_and_all_failed_chunks_handled(compose):
+    # Every image exceeds a 1-microsecond budget: each is reported, none hangs, chunks of only errors are fine.
+    summary = workflow.run(compose("preprocess.timeout=0.000001", "encode.chunk_size=4"))
+    errors = pd.read_parquet(summary.out_dir / "errors.parquet")
+    assert summary.classified == 0 and len(errors) == summary.discovered > 0
+    assert set(errors["error_type"]) == {"DecodeTimeout"}
+    assert json.loads((summary.out_dir / "res.json").read_text()) == {}
