@@ -181,14 +181,7 @@ def chunk_key(start: int, end: int) -> str:
 
 def encode_images(ctx: StageContext, inputs: dict[str, Artifact], *, res: Resources) -> None:
     records = read_records(inputs["discover"])
-    store = ChunkStore(ctx.scratch)
-    done = store.completed()
-    plan = chunk_plan(len(records), res.chunk_size)
-    pending = [(s, e) for s, e in plan if chunk_key(s, e) not in done]
-    if done:
-        log.info("resuming image encoding: %d of %d chunks already done", len(plan) - len(pending), len(plan))
-    if pending:
-        _encode_chunks(records, pending, store, res)
+    plan, store, _ = _fill_chunks(records, ChunkStore(ctx.scratch), res)
     done = store.completed()
     chunk_files = []
     for start, end in plan:
@@ -202,16 +195,22 @@ def encode_shard(scratch: Path, inputs: dict[str, Artifact], res: Resources, ind
     """Encode only the chunks of shard `index` of `count` (chunk k belongs to shard k % count) into the
     stage's scratch store; the stage itself, run later by one process, finds them done and seals them.
     Returns the number of chunks this call encoded."""
-    records = read_records(inputs["discover"])
-    store = ChunkStore(scratch)
-    done = store.completed()
+    return _fill_chunks(read_records(inputs["discover"]), ChunkStore(scratch), res, index, count)[2]
+
+
+def _fill_chunks(records: list[ImageRecord], store: ChunkStore, res: Resources, shard: int = 0,
+                 shards: int = 1) -> tuple[list[tuple[int, int]], ChunkStore, int]:
+    """Encode the chunks of this shard that the store does not hold yet; returns (plan, store, chunks encoded)."""
     plan = chunk_plan(len(records), res.chunk_size)
-    mine = [span for k, span in enumerate(plan) if k % count == index and chunk_key(*span) not in done]
-    log.info("shard %d/%d: %d chunks to encode (%d of its chunks already done)", index, count, len(mine),
-             sum(1 for k, span in enumerate(plan) if k % count == index) - len(mine))
-    if mine:
-        _encode_chunks(records, mine, store, res)
-    return len(mine)
+    done = store.completed()
+    mine = [span for k, span in enumerate(plan) if k % shards == shard]
+    pending = [span for span in mine if chunk_key(*span) not in done]
+    if len(pending) < len(mine):
+        who = f"shard {shard}/{shards}" if shards > 1 else "image encoding"
+        log.info("resuming %s: %d of %d chunks already done", who, len(mine) - len(pending), len(mine))
+    if pending:
+        _encode_chunks(records, pending, store, res)
+    return plan, store, len(pending)
 
 
 def _encode_chunks(records: list[ImageRecord], pending: list[tuple[int, int]], store: ChunkStore,

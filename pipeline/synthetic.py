@@ -46,6 +46,10 @@ ZH_TEMPLATE = "一张_的照片。"
 
 MIN_SIDE = 64
 MAX_SIDE = 4000
+# shape circumradius as a fraction of the short side, and the largest offset of its centre
+# from the image centre (fraction of the short side); the shape always stays in the central square
+RADIUS_RANGE = (0.2, 0.42)
+MAX_OFFSET = 0.3
 
 
 # ---------------------------------------------------------------- labels
@@ -158,8 +162,8 @@ def render(rng: np.random.Generator, shape: str, color: str, width: int, height:
     img = _background(rng, w, h)
 
     side = min(w, h)
-    r = side * rng.uniform(0.2, 0.42)  # circumradius
-    slack = max(side / 2 - r - side * 0.04, 0.0)
+    r = side * rng.uniform(*RADIUS_RANGE)  # circumradius
+    slack = min(max(side / 2 - r - side * 0.04, 0.0), MAX_OFFSET * side)
     cx = w / 2 + rng.uniform(-slack, slack)
     cy = h / 2 + rng.uniform(-slack, slack)
     angle = rng.uniform(0, 2 * math.pi)

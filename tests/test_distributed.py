@@ -54,7 +54,7 @@ def test_dead_rank_then_rerun_skips_finished_chunks(setup, tmp_path):
     assert "Signals.SIGKILL" in proc.stderr or str(-signal.SIGKILL) in proc.stderr or "exitcode" in proc.stderr
     rerun = _job(setup / "images", tmp_path / "out", tmp_path / "cache", torchrun=2)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert "shard 1/2: 2 chunks to encode (2 of its chunks already done)" in rerun.stderr
+    assert "resuming shard 1/2: 2 of 4 chunks already done" in rerun.stderr
     assert compare_outputs(tmp_path / "out", setup / "ref") == []
 
 
