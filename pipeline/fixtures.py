@@ -184,13 +184,13 @@ def unknown_tokens(tokenizer, texts: Sequence[str]) -> list[str]:
 class TinySpec:
     kind: str  # "clip" or "chinese_clip"
     image_size: int = 64
-    patch_size: int = 8
-    vision_hidden: int = 96
+    patch_size: int = 16
+    vision_hidden: int = 128
     vision_layers: int = 4
     vision_mlp: int = 256
-    text_hidden: int = 96
+    text_hidden: int = 64
     text_layers: int = 2
-    text_mlp: int = 256
+    text_mlp: int = 128
     heads: int = 4
     projection_dim: int = 64
     max_positions: int = 77
@@ -350,7 +350,7 @@ def _image_features(model, pixel_values):
 
 
 def train(spec: TinySpec, model, tokenizer, pixels: torch.Tensor, shape_idx: torch.Tensor,
-          color_idx: torch.Tensor, steps: int, seed: int, batch_size: int = 128, lr: float = 2e-3,
+          color_idx: torch.Tensor, steps: int, seed: int, batch_size: int = 128, lr: float = 3e-3,
           log_every: int = 100) -> float:
     """Contrastive training with multi-positive targets; returns seconds spent."""
     torch.manual_seed(seed)

@@ -48,8 +48,8 @@ MIN_SIDE = 64
 MAX_SIDE = 4000
 # shape circumradius as a fraction of the short side, and the largest offset of its centre
 # from the image centre (fraction of the short side); the shape always stays in the central square
-RADIUS_RANGE = (0.2, 0.42)
-MAX_OFFSET = 0.3
+RADIUS_RANGE = (0.25, 0.42)
+MAX_OFFSET = 0.12
 
 
 # ---------------------------------------------------------------- labels

@@ -86,59 +86,58 @@ def _positive(name: str, value: int) -> int:
 
 def plan(cfg: DictConfig, preloaded: LoadedModel | None = None, device_index: int | None = None) -> Plan:
     """Validate the config against the world (files, model, device) and build the stages."""
-    batch_size = _positive("encode.batch_size", cfg.encode.batch_size)
-    chunk_size = _positive("encode.chunk_size", cfg.encode.chunk_size)
-    topk = _positive("classify.topk", cfg.classify.topk)
+    for key in ("encode.batch_size", "encode.chunk_size", "classify.topk"):
+        _positive(key, OmegaConf.select(cfg, key))
     label_set = build_label_set(cfg.labels.name, _plain(cfg.labels.list), cfg.labels.file,
                                 cfg.labels.template, _plain(cfg.labels.templates))
+    if cfg.classify.unknown_label in label_set.labels:
+        raise UserError(f"classify.unknown_label={cfg.classify.unknown_label!r} is also one of the labels; "
+                        "choose another name for the below-min_score outcome")
     info = inspect_model_dir(cfg.model.path, cfg.model.allow_pickle)
     check_language(label_set, info.takes_chinese, cfg.model.path)
     dataset = _dataset_location(cfg)
+    truth_source = _truth_source(cfg)
     if cfg.encode.warmup_image and not Path(cfg.encode.warmup_image).is_file():
         raise UserError(f"warm-up image not found: '{cfg.encode.warmup_image}' (encode.warmup_image)")
     index = cfg.device.index if device_index is None else device_index
     choice = devices.resolve(cfg.device.type.value, cfg.device.dtype.value, index, cpu_half=cfg.device.cpu_half)
-    cache_dir = Path(cfg.cache_dir)
-    out_dir = Path(cfg.output_dir)
-    for directory, what in ((cache_dir, "cache_dir (CACHE=)"), (out_dir, "the run directory (OUT=)")):
-        _check_writable(directory, what)
-    digests = FileDigests(cache_dir / "file-digests")
-    model_fp = info.fingerprint(digests)
-    spec = spec_of(info)
+    cache_dir, out_dir = Path(cfg.cache_dir), Path(cfg.output_dir)
+    _check_writable(cache_dir, "cache_dir (CACHE=)")
+    _check_writable(out_dir, "the run directory (OUT=)")
     workers = cfg.encode.num_workers if cfg.encode.num_workers is not None else default_workers(choice)
-    res = stages.Resources(dataset=dataset, model_info=info, device=choice, spec=spec, batch_size=batch_size,
-                           num_workers=int(workers), chunk_size=chunk_size, draft=cfg.preprocess.draft,
+    res = stages.Resources(dataset=dataset, model_info=info, device=choice, spec=spec_of(info),
+                           batch_size=cfg.encode.batch_size, num_workers=int(workers),
+                           chunk_size=cfg.encode.chunk_size, draft=cfg.preprocess.draft,
                            max_pixels=cfg.preprocess.max_pixels, timeout=cfg.preprocess.timeout,
-                           warmup_image=cfg.encode.warmup_image,
-                           progress=cfg.progress, preloaded=preloaded)
-    model_name = cfg.model.name or info.path.resolve().name
-    metadata = {"model": {"name": model_name, "path": str(info.path), "family": info.family,
+                           warmup_image=cfg.encode.warmup_image, progress=cfg.progress, preloaded=preloaded)
+    model_fp = info.fingerprint(FileDigests(cache_dir / "file-digests"))
+    stage_list = _stages(cfg, res, label_set, model_fp, truth_source, out_dir)
+    return Plan(stage_list, res, label_set, out_dir, cache_dir)
+
+
+def _stages(cfg: DictConfig, res: stages.Resources, label_set: LabelSet, model_fp: str, truth_source: str | None,
+            out_dir: Path) -> list[Stage]:
+    """The DAG; each stage's params are exactly the config that decides its output."""
+    dtype, spec = res.device.dtype_name, res.spec.to_dict()
+    extensions = tuple(str(e) for e in cfg.dataset.extensions)
+    unknown = {"min_score": cfg.classify.min_score, "unknown_label": cfg.classify.unknown_label}
+    topk = cfg.classify.topk
+    metadata = {"model": {"name": cfg.model.name or res.model_info.path.resolve().name,
+                          "path": str(res.model_info.path), "family": res.model_info.family,
                           "fingerprint": model_fp},
                 "label_set": label_set.to_dict(), "template": label_set.template,
-                "templates": list(label_set.templates),
-                "dataset": {"root": str(res.root.resolve())},
-                "config": {"dtype": choice.dtype_name, "topk": topk, "preprocess": spec.to_dict(),
-                           "draft": cfg.preprocess.draft}}
-    extensions = tuple(str(e) for e in cfg.dataset.extensions)
-    truth_source = cfg.dataset.truth
-    if truth_source not in (None, "auto", "folders"):
-        truth_source = str(Path(truth_source).resolve())
-        if not Path(truth_source).is_file():
-            raise UserError(f"truth file not found: '{cfg.dataset.truth}' (dataset.truth)")
-    unknown = {"min_score": cfg.classify.min_score, "unknown_label": cfg.classify.unknown_label}
-    if unknown["unknown_label"] in label_set.labels:
-        raise UserError(f"classify.unknown_label={unknown['unknown_label']!r} is also one of the labels; "
-                        "choose another name for the below-min_score outcome")
+                "templates": list(label_set.templates), "dataset": {"root": str(res.root.resolve())},
+                "config": {"dtype": dtype, "topk": topk, "preprocess": spec, "draft": cfg.preprocess.draft}}
     stage_list = [
         Stage("discover", functools.partial(stages.discover_images, res=res, extensions=extensions),
               params={"extensions": sorted(e.lower().lstrip(".") for e in extensions)},
               version=STAGE_VERSIONS["discover"], kind=CONTENT),
         Stage("encode_labels", functools.partial(stages.encode_labels, res=res, label_set=label_set),
-              params={"model": model_fp, "labels": label_set.to_dict(), "dtype": choice.dtype_name},
+              params={"model": model_fp, "labels": label_set.to_dict(), "dtype": dtype},
               version=STAGE_VERSIONS["encode_labels"], kind=CACHED),
         Stage("encode_images", functools.partial(stages.encode_images, res=res), inputs=("discover",),
-              params={"model": model_fp, "preprocess": spec.to_dict(), "draft": cfg.preprocess.draft,
-                      "max_pixels": cfg.preprocess.max_pixels, "dtype": choice.dtype_name},
+              params={"model": model_fp, "preprocess": spec, "draft": cfg.preprocess.draft,
+                      "max_pixels": cfg.preprocess.max_pixels, "dtype": dtype},
               version=STAGE_VERSIONS["encode_images"], kind=CACHED),
         Stage("truth", functools.partial(stages.load_truth, source=truth_source, column=cfg.dataset.truth_column,
                                          labels=label_set.labels), inputs=("discover",),
@@ -154,7 +153,16 @@ def plan(cfg: DictConfig, preloaded: LoadedModel | None = None, device_index: in
     if cfg.report:
         stage_list.append(Stage("report", functools.partial(stages.write_report, out_dir=out_dir,
                                                             dataset_root=res.root), inputs=("publish",), kind=SINK))
-    return Plan(stage_list, res, label_set, out_dir, cache_dir)
+    return stage_list
+
+
+def _truth_source(cfg: DictConfig) -> str | None:
+    source = cfg.dataset.truth
+    if source in (None, "auto", "folders"):
+        return source
+    if not Path(source).is_file():
+        raise UserError(f"truth file not found: '{source}' (dataset.truth)")
+    return str(Path(source).resolve())
 
 
 def _check_writable(directory: Path, what: str) -> None:

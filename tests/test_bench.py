@@ -1,0 +1,27 @@
+"""`make bench` in miniature: the harness runs end to end and reports every ratio it promises."""
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def test_bench_quick_reports_all_ratios(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "bench.py"), "--quick", "--out", str(tmp_path),
+                           "--models", "chinese-clip-vit-base-patch16"], capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "bench.json").read_text())
+    model = report["models"][0]
+    for key in ("ceiling_img_per_s", "hardware_limit_img_per_s"):
+        assert model[key] > 0
+    assert model["ours_10"]["images"] == 4 and model["ours_10"]["img_per_s"] > 0
+    assert model["hf_10"]["img_per_s"] > 0 and model["hf_1000"]["labels"] == 40
+    assert model["vision_gflop_per_image"] > 0 and model["text_gflop_per_label"] > 0
+    assert report["data_path"]["ours_img_per_s"] > 0 and report["data_path"]["plain_pillow_img_per_s"] > 0
+    assert set(report["draft"]) == {"clip", "chinese_clip"}
+    assert 0 <= report["draft"]["clip"]["top1_agreement"] <= 1
+    for line in ("ours / ceiling", "ours / HF pipeline, 10 labels", "ceiling / hardware limit", "data path"):
+        assert line in proc.stdout

@@ -1,0 +1,45 @@
+"""The vendor precision test, enforced: per-image cosine of probabilities and embeddings, top-1 agreement."""
+
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+from conftest import ROOT
+
+JOB = [sys.executable, str(ROOT / "jobs" / "precision.py"), "progress=false", "encode.num_workers=0"]
+
+
+def _run(tmp_path, *overrides):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(JOB + [f"hydra.run.dir={tmp_path}", *overrides], capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=600)
+
+
+def _table(tmp_path):
+    return pd.read_parquet(tmp_path / "precision.parquet")
+
+
+def test_fp32_other_batch_size_passes(tmp_path):
+    proc = _run(tmp_path, "device=cpu", "encode.batch_size=3", "precision.reference_batch_size=8")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    table = _table(tmp_path)
+    assert len(table) > 20 and table["top1_agrees"].all()
+    assert table["prob_cosine"].min() > 0.99999 and table["embedding_cosine"].min() > 0.99999
+    assert "verdict               PASS" in proc.stdout
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_half_precision_on_cpu_is_measured(tmp_path, dtype):
+    proc = _run(tmp_path, "model=tiny_chinese_clip", "labels=shapes_zh", "device=cpu", f"device.dtype={dtype}",
+                "device.cpu_half=true", "precision.min_top1_agreement=0.9")
+    table = _table(tmp_path)
+    assert table["embedding_cosine"].min() > 0.99, table.describe()
+    assert table["prob_cosine"].min() > 0.99
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_threshold_is_enforced(tmp_path):
+    proc = _run(tmp_path, "device=cpu", "precision.min_cosine=1.5")
+    assert proc.returncode == 1 and "verdict               FAIL" in proc.stdout
