@@ -145,7 +145,7 @@ def bench_data_path(args, work: Path, images_all: list[Path]) -> dict:
         shutil.rmtree(work / "dp-cache" / "encode_images", ignore_errors=True)
         shutil.rmtree(work / "dp-cache" / "discover", ignore_errors=True)
         shutil.rmtree(work / "dp-cache" / "classify", ignore_errors=True)
-        cfg = compose(f"model.path={TINY['clip']}", f"dataset.path={images}", f"labels.list={','.join(labels)}",
+        cfg = compose(f"model.path={TINY['clip']}", f"dataset.path={images}", f"labels.list={quote_override_value(','.join(labels))}",
                       "labels=custom", f"encode.num_workers={workers}", "encode.batch_size=16",
                       f"cache_dir={work / 'dp-cache'}", f"output_dir={work / 'dp-out'}")
         summary = workflow.run(cfg, preloaded=loaded)

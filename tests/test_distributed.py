@@ -41,7 +41,8 @@ def test_two_ranks_equal_one_process(setup, tmp_path):
     proc = _job(setup / "images", tmp_path / "out", tmp_path / "cache", torchrun=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert compare_outputs(tmp_path / "out", setup / "ref") == []
-    assert "shard 1/2 done" in proc.stderr and "encode_images resumed" in proc.stderr
+    log = proc.stdout + proc.stderr  # Hydra logs to stdout
+    assert "shard 1/2 done" in log and "encode_images resumed" in log
 
 
 def test_dead_rank_then_rerun_skips_finished_chunks(setup, tmp_path):
@@ -54,7 +55,7 @@ def test_dead_rank_then_rerun_skips_finished_chunks(setup, tmp_path):
     assert "Signals.SIGKILL" in proc.stderr or str(-signal.SIGKILL) in proc.stderr or "exitcode" in proc.stderr
     rerun = _job(setup / "images", tmp_path / "out", tmp_path / "cache", torchrun=2)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert "resuming shard 1/2: 2 of 4 chunks already done" in rerun.stderr
+    assert "resuming shard 1/2: 2 of 4 chunks already done" in rerun.stdout + rerun.stderr
     assert compare_outputs(tmp_path / "out", setup / "ref") == []
 
 
@@ -63,10 +64,11 @@ def test_independent_shards_then_merge(setup, tmp_path):
         proc = _job(setup / "images", tmp_path / f"shard{index}", tmp_path / "cache", f"shard.index={index}",
                     "shard.count=3")
         assert proc.returncode == 0, proc.stderr[-2000:]
-        assert f"shard {index}/3 done" in proc.stderr
+        assert f"shard {index}/3 done" in proc.stdout + proc.stderr
         assert not (tmp_path / f"shard{index}" / "res.json").exists()
     merge = _job(setup / "images", tmp_path / "out", tmp_path / "cache")
-    assert merge.returncode == 0 and "resuming image encoding: 9 of 9 chunks already done" in merge.stderr
+    assert merge.returncode == 0
+    assert "resuming image encoding: 9 of 9 chunks already done" in merge.stdout + merge.stderr
     assert compare_outputs(tmp_path / "out", setup / "ref") == []
 
 

@@ -42,18 +42,19 @@ def test_probabilities_equal_hugging_face_reference(compose, model, family, labe
     assert summary.errors == 0 and summary.classified == summary.discovered > 20
     table = pq.read_table(summary.out_dir / "predictions.parquet").to_pandas()
     ours = np.stack(table["probs"].to_numpy())
-    prompts = [cfg.labels.template.replace("_", label) for label in cfg.labels.list]
+    labels = list(cfg.labels.list)
+    prompts = [cfg.labels.template.replace("_", label) for label in labels]
     model_dir = TINY_CLIP if family == "clip" else TINY_CHINESE_CLIP
     reference = _hf_reference(model_dir, family, [SAMPLE_IMAGES / p for p in table["path"]], prompts)
     assert np.abs(ours - reference).max() < 1e-4
-    assert (table["label"] == [cfg.labels.list[i] for i in reference.argmax(1)]).all()
+    assert (table["label"] == [labels[i] for i in reference.argmax(1)]).all()
 
     from transformers import pipeline as hf_pipeline
 
     zero_shot = hf_pipeline("zero-shot-image-classification", model=str(model_dir))
     template = cfg.labels.template.replace("_", "{}")
     for path, label in list(zip(table["path"], table["label"]))[:8]:
-        result = zero_shot(decode(SAMPLE_IMAGES / path), candidate_labels=list(cfg.labels.list),
+        result = zero_shot(decode(SAMPLE_IMAGES / path), candidate_labels=labels,
                            hypothesis_template=template)
         assert result[0]["label"] == label, path
 
@@ -99,7 +100,7 @@ def test_label_sets_reuse_image_embeddings(compose):
     assert _statuses(first)["encode_images"] == "ran"
     assert _statuses(second)["encode_images"] == "reused" and _statuses(second)["encode_labels"] == "ran"
     again = workflow.run(compose("labels=colors", out="out3"))
-    assert {s for n, s in _statuses(again).items() if n != "publish"} == {"unchanged", "reused"}
+    assert {s for s in _statuses(again).values() if s != "published"} == {"unchanged", "reused"}
     colors = pd.read_parquet(second.out_dir / "predictions.parquet")
     assert set(colors["label"]) <= {"red", "green", "blue", "yellow", "purple", "orange"}
     assert read_metadata(second.out_dir / "predictions.parquet")["label_set"]["name"] == "colors"
