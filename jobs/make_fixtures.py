@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="training steps per model (default: per-model default)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", choices=["clip", "chinese_clip", "sample"], default=None)
-    ap.add_argument("--pool", type=int, default=6000, help="number of pre-rendered training images")
+    ap.add_argument("--pool", type=int, default=48000, help="number of pre-rendered training images")
     ap.add_argument("--eval", type=int, default=300, help="held-out images for the accuracy report (0: skip)")
     ap.add_argument("--eval-max-side", type=int, default=4000)
     args = ap.parse_args(argv)

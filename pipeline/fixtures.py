@@ -185,9 +185,9 @@ class TinySpec:
     kind: str  # "clip" or "chinese_clip"
     image_size: int = 64
     patch_size: int = 16
-    vision_hidden: int = 128
+    vision_hidden: int = 64
     vision_layers: int = 4
-    vision_mlp: int = 256
+    vision_mlp: int = 128
     text_hidden: int = 64
     text_layers: int = 2
     text_mlp: int = 128
@@ -284,18 +284,29 @@ def training_items(rng: np.random.Generator, n: int) -> list[S.Item]:
 
 
 def render_and_preprocess(rng: np.random.Generator, items: Sequence[S.Item],
-                          processors: dict[str, Callable], chunk: int = 64) -> dict[str, torch.Tensor]:
+                          processors: dict[str, Callable], chunk: int = 64, raw: bool = False) -> dict[str, torch.Tensor]:
     """Render each item once and run it through every processor; returns pixel_values per processor.
 
-    Streams in chunks so large (4000 px) images never pile up in memory.
+    Streams in chunks so large (4000 px) images never pile up in memory.  ``raw``: stop before
+    rescaling/normalising and keep uint8 (4x less memory; see :func:`normalizer`).
     """
+    kw = {"do_rescale": False, "do_normalize": False} if raw else {}
     outs: dict[str, list[torch.Tensor]] = {k: [] for k in processors}
     for start in range(0, len(items), chunk):
         imgs = list(S.render_items(rng, items[start:start + chunk]))
         for k, p in processors.items():
-            outs[k].append(p(images=imgs, return_tensors="pt")["pixel_values"])
+            px = p(images=imgs, return_tensors="pt", **kw)["pixel_values"]
+            outs[k].append(px.round().to(torch.uint8) if raw else px)
         del imgs
     return {k: torch.cat(v) for k, v in outs.items()}
+
+
+def normalizer(image_processor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The processor's rescale + normalise, for uint8 pixels from ``render_and_preprocess(raw=True)``."""
+    mean = torch.tensor(image_processor.image_mean, dtype=torch.float32)[:, None, None]
+    std = torch.tensor(image_processor.image_std, dtype=torch.float32)[:, None, None]
+    factor = float(image_processor.rescale_factor)
+    return lambda x: (x.to(torch.float32) * factor - mean) / std
 
 
 @dataclass
@@ -307,6 +318,8 @@ class CaptionBank:
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     by_pair: dict[tuple[int, int], list[np.ndarray]] = field(default_factory=dict)  # (s, c) -> [pair, colour, shape] ids
+    # kind -> list of caption-id arrays, one per phrasing (and language), in class order
+    class_sets: dict[str, list[np.ndarray]] = field(default_factory=dict)
 
     @classmethod
     def build(cls, tokenizer, langs: Sequence[str]) -> "CaptionBank":
@@ -323,6 +336,10 @@ class CaptionBank:
                 conly = np.flatnonzero((sn == -1) & (cn == ci))
                 sonly = np.flatnonzero((sn == si) & (cn == -1))
                 bank.by_pair[(si, ci)] = [both, conly, sonly]
+        index = {c: i for i, c in enumerate(caps)}
+        for lang in langs:
+            for kind, group in S.caption_sets(lang):
+                bank.class_sets.setdefault(kind, []).append(np.array([index[c] for c in group]))
         return bank
 
     def sample(self, rng: np.random.Generator, s: int, c: int) -> int:
@@ -350,45 +367,92 @@ def _image_features(model, pixel_values):
 
 
 def train(spec: TinySpec, model, tokenizer, pixels: torch.Tensor, shape_idx: torch.Tensor,
-          color_idx: torch.Tensor, steps: int, seed: int, batch_size: int = 128, lr: float = 3e-3,
-          log_every: int = 100) -> float:
+          color_idx: torch.Tensor, steps: int, seed: int, batch_size: int = 128, lr: float = 3e-3, cls_weight: float = 1.0, contrastive_weight: float = 1.0, aux_weight: float = 1.0,
+          pretrain_steps: int = 0, stage2_lr_factor: float = 1.0, normalize: Callable | None = None,
+          log_every: int = 500) -> float:
     """Contrastive training with multi-positive targets; returns seconds spent."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     g = torch.Generator().manual_seed(seed)
     bank = CaptionBank.build(tokenizer, spec.langs)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=lr, betas=(0.9, 0.98), eps=1e-6)
-    warm = max(1, min(100, steps // 10))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda k: min(1.0, (k + 1) / warm) * (0.5 * (1 + math.cos(math.pi * min(k, steps) / max(steps, 1)))))
+    # auxiliary supervised heads on the image embedding (not saved): they give the image tower a
+    # shape signal from the first step, which the contrastive loss alone finds only slowly
+    aux = torch.nn.ModuleDict({"shapes": torch.nn.Linear(spec.projection_dim, len(S.SHAPES)),
+                               "colors": torch.nn.Linear(spec.projection_dim, len(S.COLORS))})
+    named = list(model.named_parameters()) + [("aux." + n, p) for n, p in aux.named_parameters()]
+    decay = [p for n, p in named if p.ndim >= 2 and "embedding" not in n]
+    no_decay = [p for n, p in named if not (p.ndim >= 2 and "embedding" not in n)]
+    def schedule(total):
+        warm = max(1, min(100, total // 10))
+        return lambda k: min(1.0, (k + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(k, total) / max(total, 1)))
+
+    if normalize is None:
+        normalize = lambda x: x  # noqa: E731  (pixels already normalised)
     model.train()
     n = pixels.shape[0]
     t0 = time.time()
+    if pretrain_steps:
+        # stage 1: the image tower alone, with the supervised heads (cheaper per step, and it
+        # finds shape features much sooner than the contrastive loss does)
+        vis = [p for n_, p in named if not n_.startswith(("text_model.", "text_projection", "logit_scale"))]
+        opt1 = torch.optim.AdamW(vis, lr=lr, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.05)
+        sched1 = torch.optim.lr_scheduler.LambdaLR(opt1, schedule(pretrain_steps))
+        for step in range(pretrain_steps):
+            idx = torch.from_numpy(rng.choice(n, size=min(batch_size, n), replace=False))
+            img_raw = _image_features(model, _augment(normalize(pixels[idx]), g))
+            loss = (F.cross_entropy(aux["shapes"](img_raw), shape_idx[idx])
+                    + F.cross_entropy(aux["colors"](img_raw), color_idx[idx])) / 2
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"{spec.kind}: non-finite loss at pre-training step {step + 1}")
+            opt1.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(vis, 1.0)
+            opt1.step()
+            sched1.step()
+            if log_every and (step % log_every == 0 or step == pretrain_steps - 1):
+                _log(f"  [{spec.kind}] image-tower step {step + 1}/{pretrain_steps} loss {loss.item():.4f} "
+                     f"({time.time() - t0:.0f}s)")
+        del opt1, sched1
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=lr * (stage2_lr_factor if pretrain_steps else 1.0), betas=(0.9, 0.98), eps=1e-6)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule(steps))
     for step in range(steps):
         idx = torch.from_numpy(rng.choice(n, size=min(batch_size, n), replace=False))
-        x = _augment(pixels[idx], g)
+        x = _augment(normalize(pixels[idx]), g)
         si, ci = shape_idx[idx], color_idx[idx]
         cap = np.array([bank.sample(rng, int(a), int(b)) for a, b in zip(si, ci)])
-        uniq = np.unique(cap)
+        # one random phrasing per kind, applied to every class: a classification-style contrast
+        sets = {k: v[rng.integers(len(v))] for k, v in bank.class_sets.items()}
+        uniq = np.unique(np.concatenate([cap] + list(sets.values())))
         u = torch.from_numpy(uniq)
         ids, mask = bank.input_ids[u], bank.attention_mask[u]
         keep = int(mask.sum(1).max())
         txt = F.normalize(_text_features(model, ids[:, :keep], mask[:, :keep]), dim=-1)
-        img = F.normalize(_image_features(model, x), dim=-1)
+        img_raw = _image_features(model, x)
+        img = F.normalize(img_raw, dim=-1)
         scale = model.logit_scale.exp().clamp(max=100.0)
         logits = scale * img @ txt.T  # [B images, U captions]
         cs, cc = bank.shape_idx[u], bank.color_idx[u]
         pos = (((cs[None, :] == -1) | (cs[None, :] == si[:, None]))
                & ((cc[None, :] == -1) | (cc[None, :] == ci[:, None]))).float()
         loss_i = -(pos / pos.sum(1, keepdim=True) * logits.log_softmax(1)).sum(1).mean()
-        loss_t = -(pos / pos.sum(0, keepdim=True) * logits.log_softmax(0)).sum(0).mean()
-        loss = (loss_i + loss_t) / 2
+        has = pos.sum(0) > 0  # captions with at least one matching image in the batch
+        loss_t = -(pos[:, has] / pos[:, has].sum(0, keepdim=True) * logits[:, has].log_softmax(0)).sum(0).mean()
+        loss = contrastive_weight * (loss_i + loss_t) / 2
+        # image vs all classes of each kind (5 shapes, 6 colours, 30 pairs) in this step's phrasing
+        col = {int(c): j for j, c in enumerate(uniq)}
+        targets = {"shapes": si, "colors": ci, "pairs": si + len(S.SHAPES) * ci}
+        for kind, ids_ in sets.items():
+            cols = torch.tensor([col[int(c)] for c in ids_])
+            loss = loss + cls_weight * F.cross_entropy(logits[:, cols], targets[kind]) / len(sets)
+        if aux_weight:
+            loss = loss + aux_weight * (F.cross_entropy(aux["shapes"](img_raw), si)
+                                        + F.cross_entropy(aux["colors"](img_raw), ci)) / 2
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{spec.kind}: non-finite loss at step {step + 1}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_([p for _, p in named], 1.0)
         opt.step()
         sched.step()
         with torch.no_grad():
@@ -479,8 +543,12 @@ def format_table(name: str, res: dict) -> str:
 
 def build_model(spec: TinySpec, out_dir: str | os.PathLike, steps: int, seed: int,
                 pool: dict[str, torch.Tensor] | None = None, pool_items: Sequence[S.Item] | None = None,
-                n_pool: int = 6000) -> dict:
-    """Tokenizer + model training + save.  Returns timing info."""
+                n_pool: int = 48000, **train_kw) -> dict:
+    """Tokenizer + model training + save.  Returns timing info.
+
+    ``pool``: uint8 training pixels per model kind from ``render_and_preprocess(raw=True)``
+    (with the matching ``pool_items``); rendered here when not given.
+    """
     torch.manual_seed(seed)
     out = Path(out_dir)
     if out.exists():
@@ -504,7 +572,7 @@ def build_model(spec: TinySpec, out_dir: str | os.PathLike, steps: int, seed: in
         rng = np.random.default_rng(seed + 1)
         pool_items = training_items(rng, n_pool)
         t = time.time()
-        pool = render_and_preprocess(rng, pool_items, {spec.kind: image_processor})
+        pool = render_and_preprocess(rng, pool_items, {spec.kind: image_processor}, raw=True)
         _log(f"  [{spec.kind}] rendered {len(pool_items)} training images in {time.time() - t:.1f}s")
     shapes, colors = list(S.SHAPES), list(S.COLORS)
     s_idx = torch.tensor([shapes.index(it.shape) for it in pool_items])
@@ -513,7 +581,8 @@ def build_model(spec: TinySpec, out_dir: str | os.PathLike, steps: int, seed: in
     model = make_model(spec, tokenizer)
     n_params = sum(p.numel() for p in model.parameters())
     _log(f"  [{spec.kind}] {n_params / 1e6:.2f}M parameters, vocab {len(tokenizer)}")
-    secs = train(spec, model, tokenizer, pool[spec.kind], s_idx, c_idx, steps, seed)
+    secs = train(spec, model, tokenizer, pool[spec.kind], s_idx, c_idx, steps, seed,
+                 normalize=normalizer(image_processor), **train_kw)
     model.save_pretrained(out, safe_serialization=True)
     processor.save_pretrained(out)
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
@@ -591,7 +660,7 @@ def dir_size(path: str | os.PathLike) -> int:
 
 
 def make_all(out_root: str | os.PathLike, steps: int | None = None, seed: int = 0, only: str | None = None,
-             n_pool: int = 6000, eval_n: int = 300, eval_max_side: int = 4000) -> dict:
+             n_pool: int = 48000, eval_n: int = 300, eval_max_side: int = 4000) -> dict:
     """Build the fixtures under ``out_root``; ``only``: 'clip', 'chinese_clip' or 'sample'."""
     torch.set_num_threads(2)
     out_root = Path(out_root)
@@ -603,7 +672,7 @@ def make_all(out_root: str | os.PathLike, steps: int | None = None, seed: int = 
         rng = np.random.default_rng(seed + 1)
         items = training_items(rng, n_pool)
         t = time.time()
-        pool = render_and_preprocess(rng, items, {k: make_image_processor(specs[k]) for k in kinds})
+        pool = render_and_preprocess(rng, items, {k: make_image_processor(specs[k]) for k in kinds}, raw=True)
         _log(f"rendered {len(items)} training images in {time.time() - t:.1f}s")
         dirs = {"clip": out_root / CLIP_DIR, "chinese_clip": out_root / CHINESE_CLIP_DIR}
         for k in kinds:
@@ -629,4 +698,4 @@ def make_all(out_root: str | os.PathLike, steps: int | None = None, seed: int = 
 
 
 def default_steps(kind: str) -> int:
-    return {"clip": 1500, "chinese_clip": 1500}[kind]
+    return {"clip": 4000, "chinese_clip": 4000}[kind]

@@ -321,6 +321,21 @@ def all_captions(lang: str = "en") -> list[Caption]:
     return out
 
 
+def caption_sets(lang: str = "en") -> list[tuple[str, list[Caption]]]:
+    """One (kind, captions) entry per phrasing: the phrasing applied to every class of that
+    kind, in :func:`labels` order ('shapes', 'colors' or 'pairs')."""
+    phrases = EN_PHRASES if lang == "en" else ZH_PHRASES
+    out = []
+    for tpl, has_c, has_s in phrases:
+        if has_c and has_s:
+            out.append(("pairs", [Caption(_fill(tpl, s, c, lang), s, c) for s, c in pairs()]))
+        elif has_c:
+            out.append(("colors", [Caption(_fill(tpl, None, c, lang), None, c) for c in COLORS]))
+        else:
+            out.append(("shapes", [Caption(_fill(tpl, s, None, lang), s, None) for s in SHAPES]))
+    return out
+
+
 def caption(rng: np.random.Generator, shape: str, color: str, lang: str = "en") -> Caption:
     """A random caption of a ``color`` ``shape`` naming the colour, the shape or both."""
     phrases = EN_PHRASES if lang == "en" else ZH_PHRASES
