@@ -12,7 +12,8 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from .stages import iter_chunks
+from .stages import iter_chunks, read_records
+from .writers import display_path
 from .workflow import RunSummary
 
 
@@ -51,13 +52,15 @@ class PrecisionReport:
         ]
 
 
-def _embeddings(summary: RunSummary) -> dict[int, np.ndarray]:
+def _embeddings(summary: RunSummary) -> dict[str, np.ndarray]:
+    """Image embeddings by the path written in predictions.parquet."""
+    paths = [display_path(r.path) for r in read_records(summary.artifacts["discover"])]
     rows = {}
     for chunk in iter_chunks(summary.artifacts["encode_images"]):
         index = chunk.column("index").to_numpy()
         ok = chunk.column("ok").to_numpy(zero_copy_only=False)
         emb = chunk.column("embedding").combine_chunks().flatten().to_numpy().reshape(len(index), -1)
-        rows.update({int(i): emb[k] for k, i in enumerate(index) if ok[k]})
+        rows.update({paths[i]: emb[k] for k, i in enumerate(index) if ok[k]})
     return rows
 
 
@@ -74,13 +77,10 @@ def compare(candidate: RunSummary, reference: RunSummary, min_cosine: float, min
     merged = cand.merge(ref, on="path", suffixes=("_candidate", "_reference"))
     probs_c = np.stack(merged["probs_candidate"].to_numpy()) if len(merged) else np.zeros((0, 1))
     probs_r = np.stack(merged["probs_reference"].to_numpy()) if len(merged) else np.zeros((0, 1))
-    # Discovery is identical in both runs, so image indices line up; map them through the sorted path order.
     emb_c, emb_r = _embeddings(candidate), _embeddings(reference)
-    order = sorted(emb_r)
-    by_path = dict(zip(sorted(ref["path"]), order))
-    idx = [by_path[p] for p in merged["path"]]
-    e_c = np.stack([emb_c[i] for i in idx]) if idx else np.zeros((0, 1))
-    e_r = np.stack([emb_r[i] for i in idx]) if idx else np.zeros((0, 1))
+    paths = list(merged["path"])
+    e_c = np.stack([emb_c[p] for p in paths]) if paths else np.zeros((0, 1))
+    e_r = np.stack([emb_r[p] for p in paths]) if paths else np.zeros((0, 1))
     table = pd.DataFrame({
         "path": merged["path"],
         "label_candidate": merged["label_candidate"],
