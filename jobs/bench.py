@@ -28,7 +28,7 @@ import torch  # noqa: E402
 from pipeline import benchmark as B  # noqa: E402
 from pipeline import synthetic, workflow  # noqa: E402
 from pipeline.config import PROJECT_ROOT, quote_override_value, register  # noqa: E402
-from pipeline.devices import resolve  # noqa: E402
+from pipeline.devices import cpu_count, resolve  # noqa: E402
 from pipeline.imaging import load_and_preprocess  # noqa: E402
 from pipeline.models import LoadedModel, inspect_model_dir  # noqa: E402
 
@@ -137,7 +137,7 @@ def bench_data_path(args, work: Path, images_all: list[Path]) -> dict:
     images.mkdir(exist_ok=True)
     for p in images_all:
         shutil.copy(p, images / p.name)
-    cores = B.cpu_count()
+    cores = cpu_count()
     labels = synthetic.shape_labels()
     workers = max(1, cores)
     ours = []

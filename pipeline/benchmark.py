@@ -7,7 +7,6 @@ as medians over repeats, so that machine noise cancels as far as it can.
 from __future__ import annotations
 
 import multiprocessing as mp
-import os
 import shutil
 import statistics
 import time
@@ -157,7 +156,3 @@ def peak_rss_mb() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def cpu_count() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

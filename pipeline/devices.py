@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +29,11 @@ class DeviceChoice:
     @property
     def is_accelerator(self) -> bool:
         return self.device.type != "cpu"
+
+
+def cpu_count() -> int:
+    """CPUs this process may run on (the affinity mask, which containers and schedulers narrow)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def _npu_available() -> bool:

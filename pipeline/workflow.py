@@ -8,7 +8,6 @@ from __future__ import annotations
 import errno
 import functools
 import logging
-import os
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -69,7 +68,7 @@ class RunSummary:
 
 
 def default_workers(device: devices.DeviceChoice) -> int:
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cpus = devices.cpu_count()
     # On an accelerator the CPU only decodes, so use it all; on a CPU the model needs the cores too.
     return min(16, cpus) if device.is_accelerator else max(1, cpus // 2)
 
