@@ -42,7 +42,9 @@ def compose(*overrides: str):
 
     register()
     with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
-        return hydra_compose("config", overrides=["progress=false", "device=cpu", *overrides])
+        # "discover to parquet": no report.html, and no ground truth from the default sample dataset.
+        return hydra_compose("config", overrides=["progress=false", "device=cpu", "report=false",
+                                                  "dataset.truth=null", *overrides])
 
 
 def label_sets(family: str, count: int) -> list[str]:
