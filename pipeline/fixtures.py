@@ -202,7 +202,8 @@ def clip_spec() -> TinySpec:
 
 
 def chinese_clip_spec() -> TinySpec:
-    return TinySpec("chinese_clip", langs=("zh", "en"))
+    # a different input size from tiny-clip, so that mixing up the two processors shows
+    return TinySpec("chinese_clip", image_size=48, patch_size=12, langs=("zh", "en"))
 
 
 def make_image_processor(spec: TinySpec):
@@ -213,10 +214,9 @@ def make_image_processor(spec: TinySpec):
                                      crop_size={"height": spec.image_size, "width": spec.image_size})
     from transformers import ChineseCLIPImageProcessorPil
 
-    # like OFA-Sys/chinese-clip-*: resize straight to a square, no centre crop
-    return ChineseCLIPImageProcessorPil(size={"height": spec.image_size, "width": spec.image_size},
-                                        crop_size={"height": spec.image_size, "width": spec.image_size},
-                                        do_center_crop=False)
+    # the class defaults (shortest-side resize + centre crop), scaled down
+    return ChineseCLIPImageProcessorPil(size={"shortest_edge": spec.image_size},
+                                        crop_size={"height": spec.image_size, "width": spec.image_size})
 
 
 def make_model(spec: TinySpec, tokenizer):
@@ -347,9 +347,6 @@ class CaptionBank:
         return int(group[rng.integers(len(group))])
 
 
-EVAL_CB = None  # debugging hook: called with the step number at each log line
-
-
 def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     """Label-preserving: random horizontal flips and 90-degree rotations (square inputs)."""
     flip = torch.rand(x.shape[0], generator=g) < 0.5
@@ -367,55 +364,48 @@ def _image_features(model, pixel_values):
 
 
 def train(spec: TinySpec, model, tokenizer, pixels: torch.Tensor, shape_idx: torch.Tensor,
-          color_idx: torch.Tensor, steps: int, seed: int, batch_size: int = 128, lr: float = 3e-3, cls_weight: float = 1.0, contrastive_weight: float = 1.0, aux_weight: float = 1.0,
-          pretrain_steps: int = 0, stage2_lr_factor: float = 1.0, normalize: Callable | None = None,
-          log_every: int = 500) -> float:
-    """Contrastive training with multi-positive targets; returns seconds spent."""
+          color_idx: torch.Tensor, steps: int, seed: int, batch_size: int = 128, lr: float = 3e-3,
+          cls_weight: float = 1.0, aux_weight: float = 1.0, normalize: Callable | None = None,
+          ema: float = 0.0, log_every: int = 500) -> float:
+    """Train ``model`` in place; returns the seconds spent.
+
+    Loss per step, on a batch of ``batch_size`` images (random flips / 90-degree turns):
+
+    * CLIP's symmetric contrastive loss between the images and one random caption per image
+      (naming the colour, the shape or both), with multi-positive targets: caption i matches
+      image j whenever j has every attribute caption i names;
+    * ``cls_weight`` x cross-entropy of each image against all classes of each kind (5 shapes,
+      6 colours, 30 pairs) written in one random phrasing: the zero-shot task itself;
+    * ``aux_weight`` x cross-entropy of throw-away linear shape/colour heads on the image
+      embedding (not saved): the contrastive terms alone find shape features slowly.
+
+    ``pixels``: normalised pixel values, or uint8 ones with ``normalize`` (see :func:`normalizer`).
+    ``ema``: if > 0, the model ends with an exponential moving average of its weights (this decay).
+    """
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     g = torch.Generator().manual_seed(seed)
     bank = CaptionBank.build(tokenizer, spec.langs)
-    # auxiliary supervised heads on the image embedding (not saved): they give the image tower a
-    # shape signal from the first step, which the contrastive loss alone finds only slowly
     aux = torch.nn.ModuleDict({"shapes": torch.nn.Linear(spec.projection_dim, len(S.SHAPES)),
                                "colors": torch.nn.Linear(spec.projection_dim, len(S.COLORS))})
     named = list(model.named_parameters()) + [("aux." + n, p) for n, p in aux.named_parameters()]
     decay = [p for n, p in named if p.ndim >= 2 and "embedding" not in n]
     no_decay = [p for n, p in named if not (p.ndim >= 2 and "embedding" not in n)]
-    def schedule(total):
-        warm = max(1, min(100, total // 10))
-        return lambda k: min(1.0, (k + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(k, total) / max(total, 1)))
+    warm = max(1, min(100, steps // 10))
+
+    def schedule(k):  # linear warm-up, cosine decay to 0
+        return min(1.0, (k + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(k, steps) / max(steps, 1)))
 
     if normalize is None:
         normalize = lambda x: x  # noqa: E731  (pixels already normalised)
     model.train()
     n = pixels.shape[0]
     t0 = time.time()
-    if pretrain_steps:
-        # stage 1: the image tower alone, with the supervised heads (cheaper per step, and it
-        # finds shape features much sooner than the contrastive loss does)
-        vis = [p for n_, p in named if not n_.startswith(("text_model.", "text_projection", "logit_scale"))]
-        opt1 = torch.optim.AdamW(vis, lr=lr, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.05)
-        sched1 = torch.optim.lr_scheduler.LambdaLR(opt1, schedule(pretrain_steps))
-        for step in range(pretrain_steps):
-            idx = torch.from_numpy(rng.choice(n, size=min(batch_size, n), replace=False))
-            img_raw = _image_features(model, _augment(normalize(pixels[idx]), g))
-            loss = (F.cross_entropy(aux["shapes"](img_raw), shape_idx[idx])
-                    + F.cross_entropy(aux["colors"](img_raw), color_idx[idx])) / 2
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"{spec.kind}: non-finite loss at pre-training step {step + 1}")
-            opt1.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(vis, 1.0)
-            opt1.step()
-            sched1.step()
-            if log_every and (step % log_every == 0 or step == pretrain_steps - 1):
-                _log(f"  [{spec.kind}] image-tower step {step + 1}/{pretrain_steps} loss {loss.item():.4f} "
-                     f"({time.time() - t0:.0f}s)")
-        del opt1, sched1
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=lr * (stage2_lr_factor if pretrain_steps else 1.0), betas=(0.9, 0.98), eps=1e-6)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule(steps))
+                            lr=lr, betas=(0.9, 0.98), eps=1e-6)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    params = [p for p in model.parameters()]
+    shadow = [p.detach().clone() for p in params] if ema else None
     for step in range(steps):
         idx = torch.from_numpy(rng.choice(n, size=min(batch_size, n), replace=False))
         x = _augment(normalize(pixels[idx]), g)
@@ -438,7 +428,7 @@ def train(spec: TinySpec, model, tokenizer, pixels: torch.Tensor, shape_idx: tor
         loss_i = -(pos / pos.sum(1, keepdim=True) * logits.log_softmax(1)).sum(1).mean()
         has = pos.sum(0) > 0  # captions with at least one matching image in the batch
         loss_t = -(pos[:, has] / pos[:, has].sum(0, keepdim=True) * logits[:, has].log_softmax(0)).sum(0).mean()
-        loss = contrastive_weight * (loss_i + loss_t) / 2
+        loss = (loss_i + loss_t) / 2
         # image vs all classes of each kind (5 shapes, 6 colours, 30 pairs) in this step's phrasing
         col = {int(c): j for j, c in enumerate(uniq)}
         targets = {"shapes": si, "colors": ci, "pairs": si + len(S.SHAPES) * ci}
@@ -457,11 +447,15 @@ def train(spec: TinySpec, model, tokenizer, pixels: torch.Tensor, shape_idx: tor
         sched.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100.0))
+            if shadow is not None:
+                torch._foreach_lerp_(shadow, [p.detach() for p in params], 1.0 - min(ema, (1 + step) / (10 + step)))
         if log_every and (step % log_every == 0 or step == steps - 1):
             _log(f"  [{spec.kind}] step {step + 1}/{steps} loss {loss.item():.4f} "
                  f"scale {scale.item():.1f} ({time.time() - t0:.0f}s)")
-            if EVAL_CB is not None:
-                EVAL_CB(step + 1)
+    if shadow is not None:
+        with torch.no_grad():
+            for p, q in zip(params, shadow):
+                p.copy_(q)
     model.eval()
     return time.time() - t0
 
@@ -584,7 +578,8 @@ def build_model(spec: TinySpec, out_dir: str | os.PathLike, steps: int, seed: in
     secs = train(spec, model, tokenizer, pool[spec.kind], s_idx, c_idx, steps, seed,
                  normalize=normalizer(image_processor), **train_kw)
     model.save_pretrained(out, safe_serialization=True)
-    processor.save_pretrained(out)
+    processor.save_pretrained(out)  # transformers 5: processor_config.json (+ tokenizer files)
+    image_processor.save_pretrained(out)  # preprocessor_config.json too, as on the Hub, for older readers
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     _log(f"  [{spec.kind}] trained {steps} steps in {secs:.0f}s, saved {out} ({size / 1e6:.2f} MB)")
     return {"seconds": secs, "bytes": size, "params": n_params}

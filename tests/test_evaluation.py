@@ -1,5 +1,7 @@
 """Metrics against ground truth, checked against an independent pandas computation; sweep summary."""
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
@@ -74,3 +76,66 @@ def test_sweep_summary_rows(compose, tmp_path):
             assert mine.loc[label, "count"] == count
             assert mine.loc[label, "mean_score"] == pytest.approx(preds[preds.label == label].score.mean())
         assert mine["unknown_share"].iloc[0] == pytest.approx((preds.label == "unknown").mean())
+
+
+# Issue 2's held-out set (same seed and size as tests/test_fixture_models.py), written to disk with its truth.
+HELDOUT_SEED, HELDOUT_N = 20240607, 150
+TRUTH_COLUMNS = [(kind, lang) for lang in ("en", "zh") for kind in ("shapes", "colors", "pairs")]
+
+
+@pytest.fixture(scope="module")
+def heldout_dir(tmp_path_factory):
+    from pipeline import fixtures as F
+    from pipeline import synthetic as S
+
+    root = tmp_path_factory.mktemp("heldout")
+    items = F.heldout_items(HELDOUT_SEED, HELDOUT_N, max_side=4000)
+    rows = []
+    for i, (item, img) in enumerate(zip(items, S.render_items(np.random.default_rng(HELDOUT_SEED + 1), items))):
+        name = f"images/{i:03d}_{item.width}x{item.height}.png"
+        (root / name).parent.mkdir(exist_ok=True)
+        img.save(root / name, compress_level=1)
+        rows.append({"path": name.removeprefix("images/"),
+                     **{f"{kind}_{lang}": S.truth_label(kind, item.shape, item.color, lang)
+                        for kind, lang in TRUTH_COLUMNS}})
+    pd.DataFrame(rows).to_csv(root / "truth.csv", index=False)
+    return root
+
+
+@pytest.mark.parametrize("model,lang", [("tiny_clip", "en"), ("tiny_chinese_clip", "zh")])
+def test_fixture_heldout_accuracy_from_metrics_stage_matches_hf(compose, heldout_dir, model, lang):
+    """Issue 2's accuracies, computed by our metrics stage, equal those of the plain HF model API on the
+    same files (`model(**inputs).logits_per_image.argmax(-1)`, the official processor), image by image."""
+    from PIL import Image
+
+    from pipeline import fixtures as F
+    from pipeline import synthetic as S
+    from pipeline import workflow
+
+    truth = pd.read_csv(heldout_dir / "truth.csv")
+    model_dir = {"tiny_clip": "tests/assets/models/tiny-clip",
+                 "tiny_chinese_clip": "tests/assets/models/tiny-chinese-clip"}[model]
+    hf_model, processor = F.load_model(Path(__file__).resolve().parents[1] / model_dir)
+    images = [Image.open(heldout_dir / "images" / p).convert("RGB") for p in truth.path]
+    template = S.EN_TEMPLATE if lang == "en" else S.ZH_TEMPLATE
+    floors = {"shapes": 0.90, "colors": 0.90, "pairs": 0.80}  # issue 2's targets
+    for kind in ("shapes", "colors", "pairs"):
+        column = f"{kind}_{lang}"
+        label_set = kind if lang == "en" else f"{kind}_zh"
+        summary = workflow.run(compose(f"model={model}", f"labels={label_set}",
+                                       f"dataset.path={heldout_dir / 'images'}",
+                                       f"dataset.truth={heldout_dir / 'truth.csv'}", f"dataset.truth_column={column}",
+                                       "report=false", out=f"out-{kind}"))
+        metrics = pd.read_parquet(summary.out_dir / "metrics.parquet")
+        ours = metrics[metrics.scope == "overall"].set_index("metric")["value"]["top1_accuracy"]
+        preds = pd.read_parquet(summary.out_dir / "predictions.parquet").set_index("path").loc[truth.path]
+
+        labels = S.labels(kind, lang)
+        hf_pred = [labels[i] for i in F.zero_shot_predictions(hf_model, processor, images, labels, template).tolist()]
+        hf_accuracy = float(np.mean(np.array(hf_pred) == truth[column].to_numpy()))
+        print(f"\n{model} {label_set}: metrics stage top-1 {ours:.4f}, HF API {hf_accuracy:.4f} "
+              f"on {len(truth)} held-out images")
+        assert preds.label.tolist() == hf_pred
+        assert preds.truth.tolist() == truth[column].tolist()
+        assert ours == pytest.approx(hf_accuracy, abs=1e-9)
+        assert ours >= floors[kind], (model, kind, ours)
