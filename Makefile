@@ -36,7 +36,7 @@ test: $(STAMP) ## Run the whole test suite
 reliability: $(STAMP) ## Fault-injection suite in full: 24 kill points, image zoo, concurrency, 100k-image memory
 	RELIABILITY_FULL=1 $(PY) -m pytest -q tests/reliability
 
-bench: $(STAMP) ## Benchmark: ours vs vision-tower ceiling vs HF pipeline vs hardware limit (about 10 min)
+bench: $(STAMP) ## Benchmark: ours vs vision-tower ceiling vs HF pipeline vs hardware limit (about 9 min on 2 cores)
 	$(PY) jobs/bench.py $(ARGS)
 
 # NPROC=n: n data-parallel processes through torchrun (one per device); all ranks share one run directory.

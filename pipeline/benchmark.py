@@ -81,20 +81,50 @@ def make_mixed_jpegs(root: Path, count: int, seed: int = 0) -> list[Path]:
     return paths
 
 
-def median_time(fn: Callable[[], object], repeats: int) -> float:
+def synchronize(device: torch.device | str = "cpu") -> None:
+    """Wait for queued accelerator work, so that a timer measures the work and not its launch."""
+    kind = torch.device(device).type
+    if kind != "cpu" and hasattr(torch, kind):
+        getattr(torch, kind).synchronize()
+
+
+def median_time(fn: Callable[[], object], repeats: int, device: torch.device | str = "cpu") -> float:
     times = []
     for _ in range(repeats):
+        synchronize(device)
         started = time.perf_counter()
         fn()
+        synchronize(device)
         times.append(time.perf_counter() - started)
     return statistics.median(times)
 
 
-def peak_matmul_gflops(size: int = 2048, repeats: int = 7) -> float:
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    torch.mm(a, b)
-    seconds = median_time(lambda: torch.mm(a, b), repeats)
-    return 2 * size ** 3 / seconds / 1e9
+# GEMM shapes for the peak probe: square ones, and those of a ViT MLP on a batch of 8 (B/16: 8 x 197 tokens, width
+# 768; L/14: 8 x 257 tokens, width 1024). The peak is the best median over all of them.
+PEAK_SHAPES = [(2048, 2048, 2048), (3072, 3072, 3072), (1576, 768, 3072), (2056, 1024, 4096)]
+
+
+def matmul_gflops(m: int, k: int, n: int, seconds: float = 1.0, rounds: int = 5,
+                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> float:
+    """Median rate of (m x k) @ (k x n) over `rounds` rounds of about `seconds` each (this process's
+    threads). Long rounds, not single calls: a single call is at the mercy of a noisy neighbour."""
+    a, b = torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype)
+    out = torch.empty(m, n, device=device, dtype=dtype)
+    torch.mm(a, b, out=out)
+    one = median_time(lambda: torch.mm(a, b, out=out), 3, device)
+    calls = max(1, round(seconds / max(one, 1e-6)))
+
+    def run():
+        for _ in range(calls):
+            torch.mm(a, b, out=out)
+
+    return 2 * m * k * n * calls / median_time(run, rounds, device) / 1e9
+
+
+def peak_matmul_gflops(seconds: float = 1.0, rounds: int = 5, device: torch.device | str = "cpu",
+                       dtype: torch.dtype = torch.float32) -> float:
+    return max(matmul_gflops(*shape, seconds=seconds, rounds=rounds, device=device, dtype=dtype)
+               for shape in PEAK_SHAPES)
 
 
 def count_flops(fn: Callable[[], object]) -> float:
@@ -106,8 +136,10 @@ def count_flops(fn: Callable[[], object]) -> float:
 
 
 def vision_ceiling(model, pixels: torch.Tensor, batch_size: int, repeats: int) -> float:
-    """Images/s of the vision tower alone on preprocessed tensors (no decoding, no writing)."""
-    batches = list(torch.split(pixels, batch_size))
+    """Images/s of the vision tower alone on preprocessed tensors already on its device in its dtype
+    (no decoding, no copies, no writing)."""
+    param = next(model.parameters())
+    batches = [b.to(param.device, param.dtype) for b in torch.split(pixels, batch_size)]
 
     def run():
         with torch.inference_mode():
@@ -116,7 +148,7 @@ def vision_ceiling(model, pixels: torch.Tensor, batch_size: int, repeats: int) -
 
     with torch.inference_mode():
         model.get_image_features(pixel_values=batches[0])  # warm-up
-    return len(pixels) / median_time(run, repeats)
+    return len(pixels) / median_time(run, repeats, param.device)
 
 
 def _plain_pillow(args: tuple[str, PreprocessSpec]) -> int:

@@ -32,6 +32,7 @@ class DType(enum.Enum):
     fp32 = "fp32"
     fp16 = "fp16"
     bf16 = "bf16"
+    int8 = "int8"  # CPU only: Linear weights int8 (dynamic quantisation), activations fp32
 
 
 @dataclass

@@ -150,6 +150,7 @@ def _no_image_read(monkeypatch):
     (("encode.batch_size=0",), "must be a positive integer"),
     (("device=cuda",), "no CUDA device"),
     (("device=npu",), "torch_npu"),
+    (("device=cuda", "device.dtype=int8"), "int8 .* CPU only"),
 ])
 def test_bad_input_fails_early_with_a_clear_message(compose, monkeypatch, overrides, message):
     _no_image_read(monkeypatch)
