@@ -1,11 +1,13 @@
 """`make bench`: our pipeline against the model ceiling, the Hugging Face pipeline and the hardware limit.
 
     python jobs/bench.py [--out outputs/bench] [--models clip-vit-large-patch14,chinese-clip-vit-base-patch16]
-                         [--repeats 3] [--quick]
+                         [--device cpu|cuda|npu] [--dtype fp32|fp16|bf16] [--repeats 3] [--options] [--quick]
 
 Real architectures at real size with random weights (built from their configs, nothing downloaded), generated
 JPEGs of mixed sizes (320x240 to 4000x3000), medians over repeats, every ratio measured side by side in this one
-process. Writes bench.json and prints a table. `--quick` shrinks everything for a smoke test.
+process (the ceiling and our pipeline alternate, repeat by repeat). Writes bench.json and prints a table with a
+profile of where our time goes. `--options` adds torch.compile and int8 on the CPU; `--quick` shrinks everything
+for a smoke test.
 """
 
 from __future__ import annotations
