@@ -94,6 +94,23 @@ def test_bad_images_are_reported_and_counts_add_up(compose, tmp_path):
     assert list(res) == sorted(res)  # res.json is sorted by path, as the vendor example writes it
 
 
+def test_decode_workers_split_batches_without_changing_results(compose, tmp_path):
+    """Three workers decode parts of each batch of 5 (2 + 2 + 1 images), bad files among them: the batches the
+    model sees, hence every probability bit and every error row, are those of decoding in the main process."""
+    _dataset_with_bad_files(tmp_path / "data")
+    runs = {}
+    for workers in (0, 3):
+        summary = workflow.run(compose(f"dataset.path={tmp_path / 'data'}", "encode.batch_size=5",
+                                       "encode.chunk_size=11", f"encode.num_workers={workers}",
+                                       out=f"out{workers}", cache=f"cache{workers}"))
+        runs[workers] = {name: pq.read_table(summary.out_dir / f"{name}.parquet") for name in ("predictions", "errors")}
+        runs[workers]["res.json"] = (summary.out_dir / "res.json").read_bytes()
+        assert summary.counters["model_seconds"] > 0
+    assert runs[3]["res.json"] == runs[0]["res.json"]
+    assert runs[3]["predictions"].equals(runs[0]["predictions"]) and runs[3]["errors"].equals(runs[0]["errors"])
+    assert runs[0]["errors"].num_rows == 3 and runs[0]["predictions"].num_rows == 10
+
+
 def test_label_sets_reuse_image_embeddings(compose):
     first = workflow.run(compose("labels=shapes"))
     second = workflow.run(compose("labels=colors", out="out2"))
