@@ -366,7 +366,7 @@ def _image_features(model, pixel_values):
 def train(spec: TinySpec, model, tokenizer, pixels: torch.Tensor, shape_idx: torch.Tensor,
           color_idx: torch.Tensor, steps: int, seed: int, batch_size: int = 128, lr: float = 3e-3,
           cls_weight: float = 1.0, aux_weight: float = 1.0, normalize: Callable | None = None,
-          ema: float = 0.0, log_every: int = 500) -> float:
+          log_every: int = 500) -> float:
     """Train ``model`` in place; returns the seconds spent.
 
     Loss per step, on a batch of ``batch_size`` images (random flips / 90-degree turns):
@@ -380,7 +380,6 @@ def train(spec: TinySpec, model, tokenizer, pixels: torch.Tensor, shape_idx: tor
       embedding (not saved): the contrastive terms alone find shape features slowly.
 
     ``pixels``: normalised pixel values, or uint8 ones with ``normalize`` (see :func:`normalizer`).
-    ``ema``: if > 0, the model ends with an exponential moving average of its weights (this decay).
     """
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -404,8 +403,6 @@ def train(spec: TinySpec, model, tokenizer, pixels: torch.Tensor, shape_idx: tor
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=lr, betas=(0.9, 0.98), eps=1e-6)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-    params = [p for p in model.parameters()]
-    shadow = [p.detach().clone() for p in params] if ema else None
     for step in range(steps):
         idx = torch.from_numpy(rng.choice(n, size=min(batch_size, n), replace=False))
         x = _augment(normalize(pixels[idx]), g)
@@ -447,15 +444,9 @@ def train(spec: TinySpec, model, tokenizer, pixels: torch.Tensor, shape_idx: tor
         sched.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100.0))
-            if shadow is not None:
-                torch._foreach_lerp_(shadow, [p.detach() for p in params], 1.0 - min(ema, (1 + step) / (10 + step)))
         if log_every and (step % log_every == 0 or step == steps - 1):
             _log(f"  [{spec.kind}] step {step + 1}/{steps} loss {loss.item():.4f} "
                  f"scale {scale.item():.1f} ({time.time() - t0:.0f}s)")
-    if shadow is not None:
-        with torch.no_grad():
-            for p, q in zip(params, shadow):
-                p.copy_(q)
     model.eval()
     return time.time() - t0
 
