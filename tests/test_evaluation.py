@@ -1,11 +1,10 @@
 """Metrics against ground truth, checked against an independent pandas computation; sweep summary."""
 
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+from conftest import TINY_CHINESE_CLIP, TINY_CLIP
 
 from pipeline.callbacks import write_sweep_summary
 from pipeline.evaluation import MetricsAccumulator, truth_from_file, truth_from_folders
@@ -113,9 +112,7 @@ def test_fixture_heldout_accuracy_from_metrics_stage_matches_hf(compose, heldout
     from pipeline import workflow
 
     truth = pd.read_csv(heldout_dir / "truth.csv")
-    model_dir = {"tiny_clip": "tests/assets/models/tiny-clip",
-                 "tiny_chinese_clip": "tests/assets/models/tiny-chinese-clip"}[model]
-    hf_model, processor = F.load_model(Path(__file__).resolve().parents[1] / model_dir)
+    hf_model, processor = F.load_model({"tiny_clip": TINY_CLIP, "tiny_chinese_clip": TINY_CHINESE_CLIP}[model])
     images = [Image.open(heldout_dir / "images" / p).convert("RGB") for p in truth.path]
     template = S.EN_TEMPLATE if lang == "en" else S.ZH_TEMPLATE
     floors = {"shapes": 0.90, "colors": 0.90, "pairs": 0.80}  # issue 2's targets
