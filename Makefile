@@ -12,7 +12,7 @@ sq = '$(subst ','\'',$(1))'
 flag = $(if $(2),$(1) $(call sq,$(2)))
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test reliability bench classify precision report clean
+.PHONY: help install demo test test-fast reliability bench classify precision report clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  %-12s %s\n", $$1, $$2}'
@@ -30,8 +30,11 @@ $(STAMP): pyproject.toml
 demo: $(STAMP) ## Classify the bundled sample images with the bundled tiny model
 	$(PY) jobs/classify.py dataset=sample model=tiny_clip labels=shapes
 
-test: $(STAMP) ## Run the whole test suite
+test: $(STAMP) ## Run the whole test suite (what CI runs)
 	$(PY) -m pytest -q
+
+test-fast: $(STAMP) ## Unit tests and the small integration tests (under 2 minutes): the edit loop
+	$(PY) -m pytest -q -m "not slow" tests/unit tests/integration
 
 reliability: $(STAMP) ## Fault-injection suite in full: 24 kill points, image zoo, concurrency, 100k-image memory
 	RELIABILITY_FULL=1 $(PY) -m pytest -q tests/reliability

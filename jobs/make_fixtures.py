@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-max-side", type=int, default=4000)
     args = ap.parse_args(argv)
 
-    from pipeline import fixtures
+    from tests.helpers import fixtures
 
     t = time.time()
     fixtures.make_all(args.out, steps=args.steps, seed=args.seed, only=args.only, n_pool=args.pool,

@@ -1,10 +1,10 @@
-"""Precision check: the chosen device and dtype against an fp32 CPU reference on the same images.
+"""The vendor's precision test, enforced: the chosen device and dtype against an fp32 CPU run on the same images.
 
     python jobs/precision.py model.path=M dataset.path=D device=cuda device.dtype=fp16
     make precision MODEL=M DATASET=D DEVICE=cuda DTYPE=bf16
 
-Exit status 0 when every image's probability and embedding cosine reach precision.min_cosine (default 0.99)
-and the top-1 agreement reaches precision.min_top1_agreement; 1 otherwise; 2 on bad input.
+Exit status 0 when every image's probability and embedding cosine reach parity.min_cosine (default 0.99) and the
+top-1 agreement reaches parity.min_top1_agreement; 1 otherwise; 2 on bad input.
 """
 
 import copy
@@ -18,13 +18,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from pipeline import precision, workflow  # noqa: E402
-from pipeline.config import register, translate_flags  # noqa: E402
-from pipeline.errors import EXIT_USER_ERROR, UserError  # noqa: E402
-from pipeline.storage import atomic_path  # noqa: E402
+from pipeline import parity, workflow  # noqa: E402
+from pipeline.cli import launch, task  # noqa: E402
+from pipeline.engine.files import atomic_path  # noqa: E402
 
 log = logging.getLogger("precision")
-register()
 
 
 def _variant(cfg: DictConfig, out: Path, cache: Path, **device) -> DictConfig:
@@ -36,32 +34,26 @@ def _variant(cfg: DictConfig, out: Path, cache: Path, **device) -> DictConfig:
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@task
 def main(cfg: DictConfig) -> None:
     out = Path(cfg.output_dir)
-    try:
-        # Fresh caches: the cache leaves the device out of fingerprints, so a shared one would compare a run
-        # with itself.
-        with tempfile.TemporaryDirectory(prefix="precision-") as tmp:
-            candidate = workflow.run(_variant(cfg, out / "candidate", Path(tmp) / "candidate"))
-            reference_cfg = _variant(cfg, out / "reference", Path(tmp) / "reference", type="cpu", dtype="fp32",
-                                     cpu_half=False)
-            reference_cfg.encode.batch_size = cfg.precision.reference_batch_size
-            reference = workflow.run(reference_cfg)
-            report = precision.compare(candidate, reference, cfg.precision.min_cosine,
-                                       cfg.precision.min_top1_agreement)
-    except UserError as exc:
-        log.error("%s", exc)
-        sys.exit(EXIT_USER_ERROR)
+    # Fresh caches: the cache leaves the device out of fingerprints, so a shared one would compare a run with itself.
+    with tempfile.TemporaryDirectory(prefix="parity-") as tmp:
+        candidate = workflow.run(_variant(cfg, out / "candidate", Path(tmp) / "candidate"))
+        reference_cfg = _variant(cfg, out / "reference", Path(tmp) / "reference", type="cpu", dtype="fp32",
+                                 cpu_half=False)
+        reference_cfg.encode.batch_size = cfg.parity.reference_batch_size
+        reference = workflow.run(reference_cfg)
+        result = parity.compare(candidate, reference, cfg.parity.min_cosine, cfg.parity.min_top1_agreement)
     with atomic_path(out / "precision.parquet") as tmp_file:
-        report.table.to_parquet(tmp_file, index=False)
+        result.table.to_parquet(tmp_file, index=False)
     print(f"precision: {cfg.device.type.value}/{cfg.device.dtype.value} batch {cfg.encode.batch_size} "
-          f"vs cpu/fp32 batch {cfg.precision.reference_batch_size}; per image in {out / 'precision.parquet'}")
-    for line in report.lines():
+          f"vs cpu/fp32 batch {cfg.parity.reference_batch_size}; per image in {out / 'precision.parquet'}")
+    for line in result.lines():
         print("  " + line)
-    if not report.passed:
+    if not result.passed:
         sys.exit(1)
 
 
 if __name__ == "__main__":
-    sys.argv = [sys.argv[0], *translate_flags(sys.argv[1:])]
-    main()
+    launch(main)

@@ -10,7 +10,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from pipeline.errors import EXIT_USER_ERROR  # noqa: E402
-from pipeline.report import build_report  # noqa: E402
+from pipeline.outputs.report_html import build_report  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

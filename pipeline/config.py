@@ -1,7 +1,13 @@
-"""Structured-config schema (Hydra ConfigStore) and the command-line flags of the vendor example.
+"""Structured-config schema (Hydra ConfigStore), the Hydra compose helper, and the vendor example's flags.
 
 The dataclasses are the schema: `conf/` YAML files and command-line overrides are merged into them, so an
 unknown key or a wrong type (e.g. `device.type=gpu`, `encode.batch_size=abc`) fails at start-up.
+
+Every key also says what it does to results (`ROLE` in its field's metadata), and a test holds the stages to it:
+- `result`: decides outputs; it reaches a stage only as a hashed param, so changing it recomputes what it decides;
+- `content`: names an input whose content is fingerprinted (a model folder, the dataset, a label or truth file):
+  moving the input changes nothing, changing its content recomputes what depends on it;
+- `runtime`: changes only how the work is done (device, batch size, workers, where outputs go): never hashed.
 """
 
 from __future__ import annotations
@@ -13,12 +19,20 @@ from pathlib import Path
 from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
-from .discovery import DEFAULT_EXTENSIONS
 from .imaging import DEFAULT_MAX_PIXELS
+from .sources.folder import DEFAULT_EXTENSIONS
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+RESULT, CONTENT, RUNTIME = "result", "content", "runtime"
+ROLE = "role"
+
+
+def _key(role: str, default: Any = None, factory: Any = None):
+    if factory is not None:
+        return field(default_factory=factory, metadata={ROLE: role})
+    return field(default=default, metadata={ROLE: role})
 
 
 class DeviceType(enum.Enum):
@@ -37,72 +51,79 @@ class DType(enum.Enum):
 
 @dataclass
 class ModelConfig:
-    path: str = MISSING  # local Hugging Face folder: config.json, *.safetensors, tokenizer, preprocessor
-    name: Optional[str] = None  # shown in reports; defaults to the folder name
-    allow_pickle: bool = False  # *.bin weights can run code when unpickled: off unless you trust the source
+    # A local Hugging Face folder: config.json, *.safetensors, tokenizer, preprocessor.
+    path: Optional[str] = _key(CONTENT)
+    name: Optional[str] = _key(RESULT)  # shown in outputs' metadata and reports; default: the folder's name
+    # *.bin weights can run code when unpickled: off unless you trust the source.
+    allow_pickle: bool = _key(RUNTIME, False)
 
 
 @dataclass
 class LabelsConfig:
-    name: str = "custom"
-    list: Any = None  # "cat,dog" (as the vendor's --label_list) or a YAML list of names or {name, prompt}
-    file: Optional[str] = None  # UTF-8, one label per line, '#' comments
-    template: str = "a photo of a _."  # exactly one '_' marks the label; '_' alone means the bare label
-    templates: Optional[List[str]] = None  # a prompt ensemble; when set, it replaces `template`
+    name: str = _key(RESULT, "custom")
+    list: Any = _key(RESULT)  # "cat,dog" (as the vendor's --label_list) or a YAML list of names or {name, prompt}
+    file: Optional[str] = _key(CONTENT)  # UTF-8, one label per line, '#' comments
+    template: str = _key(RESULT, "a photo of a _.")  # exactly one '_' marks the label; '_' alone: bare label
+    templates: Optional[List[str]] = _key(RESULT)  # a prompt ensemble; when set, it replaces `template`
 
 
 @dataclass
 class DatasetConfig:
-    name: str = "custom"
-    path: Optional[str] = None  # a folder, searched recursively
-    image: Optional[str] = None  # or one image: its label distribution is printed
-    extensions: List[str] = field(default_factory=lambda: [e.lstrip(".") for e in DEFAULT_EXTENSIONS])
-    truth: Optional[str] = None  # null/auto: folder-per-class when every top folder is a label; "folders"; or a
-    truth_column: str = "label"  # CSV/parquet file with columns path,<truth_column>
+    path: Optional[str] = _key(CONTENT)  # a folder, searched recursively
+    image: Optional[str] = _key(CONTENT)  # or one image: its label distribution is printed
+    extensions: List[str] = _key(RESULT, factory=lambda: [e.lstrip(".") for e in DEFAULT_EXTENSIONS])
+    # null/auto: folder-per-class when every top folder is a label; "folders"; or a CSV/parquet file with columns
+    # path,<truth_column>
+    truth: Optional[str] = _key(CONTENT)
+    truth_column: str = _key(RESULT, "label")
 
 
 @dataclass
 class DeviceConfig:
-    type: DeviceType = DeviceType.auto
-    dtype: DType = DType.fp32
-    index: Optional[int] = None
-    cpu_half: bool = False  # run fp16/bf16 on a CPU anyway (slow there; for precision checks only)
+    type: DeviceType = _key(RUNTIME, DeviceType.auto)
+    dtype: DType = _key(RESULT, DType.fp32)
+    index: Optional[int] = _key(RUNTIME)
+    cpu_half: bool = _key(RESULT, False)  # run fp16/bf16 on a CPU anyway (slow there; for parity checks only)
 
 
 @dataclass
 class EncodeConfig:
-    batch_size: int = 8
-    num_workers: Optional[int] = None  # null: chosen from the CPU count and the device
-    chunk_size: int = 1024  # images per checkpoint chunk: what a crash can cost
-    warmup_image: Optional[str] = None  # null: a built-in image
+    batch_size: int = _key(RUNTIME, 8)
+    num_workers: Optional[int] = _key(RUNTIME)  # null: chosen from the CPU count and the device
+    chunk_size: int = _key(RUNTIME, 1024)  # mean images per checkpoint chunk: what a crash can cost
+    warmup_image: Optional[str] = _key(RUNTIME)  # null: a built-in image
 
 
 @dataclass
 class PreprocessConfig:
-    draft: bool = False  # reduced-scale JPEG decoding: faster, not bit-equal to the HF processor
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    timeout: float = 60.0  # seconds per image; a decoder that spins longer is reported, not waited for
+    draft: bool = _key(RESULT, False)  # reduced-scale JPEG decoding: faster, not bit-equal to the HF processor
+    max_pixels: int = _key(RESULT, DEFAULT_MAX_PIXELS)
+    # Seconds per image; an image that takes longer is listed as a (transient) error and tried again next run.
+    timeout: float = _key(RUNTIME, 60.0)
 
 
 @dataclass
 class ClassifyConfig:
-    topk: int = 5
-    min_score: Optional[float] = None  # best score below this: label `unknown_label` (scores still written)
-    unknown_label: str = "unknown"
+    topk: int = _key(RESULT, 5)
+    min_score: Optional[float] = _key(RESULT)  # best score below this: label `unknown_label` (scores still written)
+    unknown_label: str = _key(RESULT, "unknown")
 
 
 @dataclass
-class PrecisionConfig:
-    min_cosine: float = 0.99  # per image, probability vectors and image embeddings
-    min_top1_agreement: float = 0.99
-    reference_batch_size: int = 8
+class ParityConfig:
+    """`jobs/precision.py` (the vendor's precision test): a device/dtype against an fp32 CPU run."""
+
+    min_cosine: float = _key(RUNTIME, 0.99)  # per image, probability vectors and image embeddings
+    min_top1_agreement: float = _key(RUNTIME, 0.99)
+    reference_batch_size: int = _key(RUNTIME, 8)
 
 
 @dataclass
 class ShardConfig:
-    index: int = 0  # this job's shard, 0 <= index < count (torchrun sets these from RANK / WORLD_SIZE)
-    count: int = 1  # > 1: encode only this shard's chunks; an ordinary run (count 1) then merges
-    timeout_hours: float = 72.0  # how long torchrun ranks wait for the slowest one at the merge barrier
+    # This job's shard, 0 <= index < count (torchrun sets these from RANK / WORLD_SIZE).
+    index: int = _key(RUNTIME, 0)
+    count: int = _key(RUNTIME, 1)  # > 1: encode only this shard's chunks; an ordinary run (count 1) then merges
+    timeout_hours: float = _key(RUNTIME, 72.0)  # how long torchrun ranks wait for the slowest at the merge barrier
 
 
 @dataclass
@@ -114,12 +135,26 @@ class RunConfig:
     encode: EncodeConfig = field(default_factory=EncodeConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     classify: ClassifyConfig = field(default_factory=ClassifyConfig)
-    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    parity: ParityConfig = field(default_factory=ParityConfig)
     shard: ShardConfig = field(default_factory=ShardConfig)
-    output_dir: str = "${hydra:runtime.output_dir}"
-    cache_dir: str = "outputs/cache"
-    progress: bool = True
-    report: bool = True  # write report.html (summary, charts, galleries, errors) into the run directory
+    output_dir: str = _key(RUNTIME, "${hydra:runtime.output_dir}")
+    cache_dir: str = _key(RUNTIME, "outputs/cache")
+    cache_lock: str = _key(RUNTIME, "auto")  # auto | flock | soft (see pipeline/engine/locks.py)
+    progress: bool = _key(RUNTIME, True)
+    report: bool = _key(RUNTIME, True)  # write report.html (summary, charts, galleries, errors) into the run dir
+
+
+def roles(schema: type = RunConfig, prefix: str = "") -> dict[str, str | None]:
+    """Every leaf key of the schema with its ROLE (None where a key lacks one: a test fails on it)."""
+    from dataclasses import fields, is_dataclass
+
+    out: dict[str, str | None] = {}
+    for f in fields(schema):
+        if is_dataclass(f.type) or (isinstance(f.type, str) and f.type.endswith("Config")):
+            out.update(roles(globals()[f.type] if isinstance(f.type, str) else f.type, f"{prefix}{f.name}."))
+        else:
+            out[prefix + f.name] = f.metadata.get(ROLE)
+    return out
 
 
 def register() -> None:
@@ -127,6 +162,16 @@ def register() -> None:
     ConfigStore.instance().store(name="classify_schema", node=RunConfig)
     if not OmegaConf.has_resolver("project_root"):
         OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT))
+
+
+def compose(overrides: list[str], config_name: str = "config", return_hydra_config: bool = False) -> DictConfig:
+    """The job's config as `jobs/classify.py` composes it, for tests, the benchmark and notebooks."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    register()
+    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
+        return hydra_compose(config_name, overrides=list(overrides), return_hydra_config=return_hydra_config)
 
 
 # ------------------------------------------------------------------------------------- vendor-example flags

@@ -10,28 +10,19 @@ clipped, a pixel-count limit against decompression bombs, and optional reduced-s
 
 from __future__ import annotations
 
+import io
 import math
 import os
-import stat
 import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
 from PIL import Image, ImageOps
 
-from .errors import UserError
+from .errors import ImageDecodeError, ImageError, UserError
 
 # Pillow's own bomb limit is ~89 Mpx with a warning and an error at twice that; we enforce one explicit limit.
 DEFAULT_MAX_PIXELS = 178_956_970
-
-
-class ImageDecodeError(Exception):
-    """The file is not an image we can classify. `kind` names the failure (e.g. UnidentifiedImageError,
-    DecompressionBombError, OSError); the message says precisely why."""
-
-    def __init__(self, kind: str, message: str) -> None:
-        super().__init__(message)
-        self.kind = kind
 
 
 @dataclass(frozen=True)
@@ -74,6 +65,10 @@ class PreprocessSpec:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: dict) -> "PreprocessSpec":
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
     def resize_target(self, width: int, height: int) -> tuple[int, int] | None:
         """(width, height) after the resize step, with HF's rounding (int truncation of the long side)."""
         if self.resize_hw is not None:
@@ -85,20 +80,25 @@ class PreprocessSpec:
         return (new_short, new_long) if width <= height else (new_long, new_short)
 
 
-def decode(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS,
-           draft_for: PreprocessSpec | None = None, draft_size: tuple[int, int] | None = None) -> Image.Image:
-    """Open an image file as an RGB PIL image; raise ImageDecodeError with a precise reason otherwise.
+def decode(path: str | os.PathLike, **kwargs) -> Image.Image:
+    """Read and decode one image file (see `decode_bytes`); raises ImageError (ImageReadError when the file
+    cannot be read, ImageDecodeError when its bytes do not decode)."""
+    from .sources.folder import read_file
+
+    return decode_bytes(read_file(path), **kwargs)
+
+
+def decode_bytes(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, draft_for: PreprocessSpec | None = None,
+                 draft_size: tuple[int, int] | None = None) -> Image.Image:
+    """An image's bytes as an RGB PIL image; ImageDecodeError says precisely why not.
 
     `draft_for` (a preprocessing spec) or `draft_size` (width, height) let a JPEG decode at reduced scale, never
     below that size."""
     try:
-        # A FIFO or device named *.jpg would block or stream forever once opened: refuse anything not a file.
-        if not stat.S_ISREG(os.stat(path).st_mode):
-            raise ImageDecodeError("NotARegularFile", "not a regular file (a FIFO, device or socket?)")
         with warnings.catch_warnings():
             # Our own max_pixels check below decides; Pillow still refuses beyond twice its own limit.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(path)
+            img = Image.open(io.BytesIO(data))
         with img:
             if img.width * img.height > max_pixels:
                 raise ImageDecodeError("DecompressionBombError", f"{img.width}x{img.height} pixels exceeds "
@@ -116,15 +116,16 @@ def decode(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS,
     except Image.DecompressionBombError as exc:
         raise ImageDecodeError("DecompressionBombError", str(exc)) from None
     except Image.UnidentifiedImageError:
-        raise ImageDecodeError(*_why_unidentified(path)) from None
-    except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as exc:
+        raise ImageDecodeError(*_why_unidentified(data)) from None
+    except MemoryError as exc:  # the machine, not the bytes: worth another try
+        raise ImageError("MemoryError", str(exc) or "out of memory while decoding", transient=True) from None
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise ImageDecodeError(type(exc).__name__, str(exc) or repr(exc)) from None
 
 
-def _why_unidentified(path: str | os.PathLike) -> tuple[str, str]:
+def _why_unidentified(data: bytes) -> tuple[str, str]:
     """Pillow says only "cannot identify image file"; ask the decoder whose magic bytes match for the reason."""
-    with open(path, "rb") as fh:
-        head = fh.read(16)
+    head = data[:16]
     if not head:
         return "EmptyFile", "empty file (0 bytes)"
     Image.init()
@@ -132,8 +133,7 @@ def _why_unidentified(path: str | os.PathLike) -> tuple[str, str]:
         factory, accept = Image.OPEN[fmt]
         if accept and accept(head) is True:
             try:
-                with open(path, "rb") as fh:
-                    factory(fh, str(path))
+                factory(io.BytesIO(data), "")
             except Exception as exc:  # noqa: BLE001 - the decoder's own complaint is the diagnosis
                 return type(exc).__name__, f"looks like {fmt} but {exc}"
     return "UnidentifiedImageError", "not a recognised image format (no decoder matches its first bytes)"
@@ -186,19 +186,20 @@ def center_crop(arr: np.ndarray, crop_h: int, crop_w: int) -> np.ndarray:
     return padded[max(0, top):min(new_h, top + crop_h), max(0, left):min(new_w, left + crop_w)]
 
 
-def load_and_preprocess(path: str | os.PathLike, spec: PreprocessSpec, *, draft: bool = False,
+def load_and_preprocess(data: bytes, spec: PreprocessSpec, *, draft: bool = False,
                         max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, tuple[int, int]]:
-    """Decode + preprocess one file; returns the pixel array and the decoded (oriented) width and height."""
-    img = decode(path, max_pixels=max_pixels, draft_for=spec if draft else None)
+    """Decode + preprocess one image's bytes; returns the pixel array and the decoded (oriented) width and
+    height."""
+    img = decode_bytes(data, max_pixels=max_pixels, draft_for=spec if draft else None)
     size = img.size
     if draft:
         # Report the image's true size, not the reduced decode size.
-        size = _full_size(path, img.size)
+        size = _full_size(data)
     return preprocess(img, spec), size
 
 
-def _full_size(path: str | os.PathLike, decoded: tuple[int, int]) -> tuple[int, int]:
-    with Image.open(path) as raw:
+def _full_size(data: bytes) -> tuple[int, int]:
+    with Image.open(io.BytesIO(data)) as raw:
         w, h = raw.size
         orientation = raw.getexif().get(0x0112, 1)
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)

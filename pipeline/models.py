@@ -1,15 +1,17 @@
 """Load CLIP / Chinese-CLIP from a local Hugging Face directory and run only the tower that is needed.
 
 `inspect_model_dir` validates a directory cheaply (no weights read) so that bad paths fail before heavy work;
-`load_model` is the same code that loads `openai/clip-vit-large-patch14` or
-`OFA-Sys/chinese-clip-vit-base-patch16` on a user's machine, never touching the network.
+`LoadedModel` is the same code that loads `openai/clip-vit-large-patch14` or
+`OFA-Sys/chinese-clip-vit-base-patch16` on a user's machine, never touching the network. Stages ask a
+`ModelProvider` for the model by its content fingerprint (a hashed param); the provider knows where it lives.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +20,7 @@ import torch
 from .devices import DeviceChoice
 from .errors import UserError
 from .imaging import PreprocessSpec
-from .storage import FileDigests, sha256_json
+from .engine.files import FileDigests, sha256_json
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,11 @@ class ModelInfo:
     @property
     def takes_chinese(self) -> bool:
         return self.family == "chinese_clip"
+
+    @property
+    def name(self) -> str:
+        """The model's name in reports: its folder's name."""
+        return self.path.resolve().name
 
     def fingerprint(self, digests: FileDigests) -> str:
         """Content hash of everything that decides the outputs: weights, config, tokenizer, processor."""
@@ -157,6 +164,29 @@ def _normalise(features: torch.Tensor) -> torch.Tensor:
     # Normalise in fp32 whatever the model dtype: the cosine is what the label scores depend on.
     features = features.float()
     return (features / features.norm(p=2, dim=-1, keepdim=True)).cpu()
+
+
+@dataclass
+class ModelProvider:
+    """Loads the model on first use (a rerun whose stages are all cached never pays for it), once per dtype."""
+
+    info: ModelInfo
+    fingerprint: str
+    device: torch.device
+    preloaded: LoadedModel | None = None  # a model already in memory (benchmarks, notebooks)
+    counters: dict = field(default_factory=dict)
+    _loaded: dict = field(default_factory=dict)
+
+    def get(self, fingerprint: str, dtype: str) -> LoadedModel:
+        if fingerprint != self.fingerprint:
+            raise ValueError(f"asked for model {fingerprint[:12]}, this run has {self.fingerprint[:12]}")
+        if self.preloaded is not None:
+            return self.preloaded
+        if dtype not in self._loaded:
+            started = time.perf_counter()
+            self._loaded[dtype] = LoadedModel(self.info, DeviceChoice(self.device, dtype))
+            self.counters["model_load_seconds"] = time.perf_counter() - started
+        return self._loaded[dtype]
 
 
 def spec_of(info: ModelInfo) -> PreprocessSpec:

@@ -1,43 +1,56 @@
-"""Compose the classification DAG from a resolved config, check inputs early, run it and summarise.
+"""Build the classification DAG from a resolved config, check inputs early, run it and summarise.
 
-Every check that can fail on user input runs before the model is loaded or an image is read.
+Every check that can fail on user input runs before the model is loaded or an image is read. Each stage gets
+exactly the config that decides its output, as hashed params; the rest travels in the `Runtime`.
 """
 
 from __future__ import annotations
 
 import errno
-import functools
 import logging
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow.parquet as pq
 from omegaconf import DictConfig, OmegaConf
 
-from . import devices, distributed, stages
-from .dag import CACHED, Artifact, CONTENT, SINK, Runner, Stage, StageReport
+from . import devices, distributed
+from .engine import CACHED, CONTENT, SINK, Artifact, Runner, Stage, StageReport
+from .engine.files import FileDigests
 from .errors import UserError
 from .labels import LabelSet, build_label_set, check_language
-from .models import LoadedModel, inspect_model_dir, spec_of
-from .storage import FileDigests
+from .models import LoadedModel, ModelProvider, inspect_model_dir, spec_of
+from .outputs.writers import read_metadata
+from .sources.folder import FolderSource, normalise_extensions
+from .stages import classify, discover, encode_images, encode_labels, publish, report, truth
+from .stages.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.EFBIG}
-
-# Bump when a stage's output format or semantics change: old cache entries then stop matching.
-STAGE_VERSIONS = {"discover": 1, "truth": 1, "encode_labels": 1, "encode_images": 1, "classify": 1}
+ERROR_EXAMPLES = 3  # paths shown per error kind in the end-of-run summary
 
 
 @dataclass
-class Plan:
+class Pipeline:
+    """The stages of one run and what they share at run time."""
+
     stages: list[Stage]
-    resources: stages.Resources
+    runtime: Runtime
     label_set: LabelSet
     out_dir: Path
     cache_dir: Path
+
+
+@dataclass
+class ErrorKind:
+    error_type: str
+    count: int
+    examples: list[str]
+    transient: bool
 
 
 @dataclass
@@ -51,6 +64,7 @@ class RunSummary:
     artifacts: dict[str, Artifact] = field(default_factory=dict)
     counters: dict = field(default_factory=dict)
     shard: distributed.Shard | None = None  # set when this process only encoded a shard
+    error_kinds: list[ErrorKind] = field(default_factory=list)
 
     def stage_seconds(self, name: str) -> float:
         return sum(r.seconds for r in self.reports if r.name == name)
@@ -65,6 +79,15 @@ class RunSummary:
         rate = self.classified / self.seconds if self.seconds else 0.0
         return (f"{self.classified}/{self.discovered} images classified, {self.errors} errors, "
                 f"{self.seconds:.1f}s ({rate:.1f} img/s); stages: {stage_states}; results in {self.out_dir}")
+
+    def error_lines(self) -> list[str]:
+        """Each kind of error with its count and its first paths (all listed in errors.parquet)."""
+        lines = []
+        for kind in self.error_kinds:
+            more = f" and {kind.count - len(kind.examples)} more" if kind.count > len(kind.examples) else ""
+            retry = " (transient: the next run tries these again)" if kind.transient else ""
+            lines.append(f"  {kind.error_type}: {kind.count}{retry}: {', '.join(kind.examples)}{more}")
+        return lines
 
 
 def default_workers(device: devices.DeviceChoice) -> int:
@@ -83,19 +106,15 @@ def _positive(name: str, value: int) -> int:
     return int(value)
 
 
-def plan(cfg: DictConfig, preloaded: LoadedModel | None = None, device_index: int | None = None) -> Plan:
+def build(cfg: DictConfig, preloaded: LoadedModel | None = None, device_index: int | None = None) -> Pipeline:
     """Validate the config against the world (files, model, device) and build the stages."""
     for key in ("encode.batch_size", "encode.chunk_size", "classify.topk"):
         _positive(key, OmegaConf.select(cfg, key))
-    label_set = build_label_set(cfg.labels.name, _plain(cfg.labels.list), cfg.labels.file,
-                                cfg.labels.template, _plain(cfg.labels.templates))
-    if cfg.classify.unknown_label in label_set.labels:
-        raise UserError(f"classify.unknown_label={cfg.classify.unknown_label!r} is also one of the labels; "
-                        "choose another name for the below-min_score outcome")
-    info = inspect_model_dir(cfg.model.path, cfg.model.allow_pickle)
+    label_set = _label_set(cfg)
+    info = _model_info(cfg)
     check_language(label_set, info.takes_chinese, cfg.model.path)
-    dataset = _dataset_location(cfg)
-    truth_source = _truth_source(cfg)
+    source = _source(cfg)
+    truth_mode, truth_file = _truth_source(cfg)
     if cfg.encode.warmup_image and not Path(cfg.encode.warmup_image).is_file():
         raise UserError(f"warm-up image not found: '{cfg.encode.warmup_image}' (encode.warmup_image)")
     index = cfg.device.index if device_index is None else device_index
@@ -104,64 +123,85 @@ def plan(cfg: DictConfig, preloaded: LoadedModel | None = None, device_index: in
     _check_writable(cache_dir, "cache_dir (CACHE=)")
     _check_writable(out_dir, "the run directory (OUT=)")
     workers = cfg.encode.num_workers if cfg.encode.num_workers is not None else default_workers(choice)
-    res = stages.Resources(dataset=dataset, model_info=info, device=choice, spec=spec_of(info),
-                           batch_size=cfg.encode.batch_size, num_workers=int(workers),
-                           chunk_size=cfg.encode.chunk_size, draft=cfg.preprocess.draft,
-                           max_pixels=cfg.preprocess.max_pixels, timeout=cfg.preprocess.timeout,
-                           warmup_image=cfg.encode.warmup_image, progress=cfg.progress, preloaded=preloaded)
     model_fp = info.fingerprint(FileDigests(cache_dir / "file-digests"))
-    stage_list = _stages(cfg, res, label_set, model_fp, truth_source, out_dir)
-    return Plan(stage_list, res, label_set, out_dir, cache_dir)
+    counters: dict = {}
+    runtime = Runtime(source=source, models=ModelProvider(info, model_fp, choice.device, preloaded, counters),
+                      device=choice, batch_size=cfg.encode.batch_size, num_workers=int(workers),
+                      chunk_size=cfg.encode.chunk_size, timeout=cfg.preprocess.timeout,
+                      warmup_image=cfg.encode.warmup_image, truth_file=truth_file, progress=cfg.progress,
+                      counters=counters)
+    stages = _stages(cfg, runtime, label_set, cfg.model.name or info.name, model_fp, truth_mode, out_dir)
+    return Pipeline(stages, runtime, label_set, out_dir, cache_dir)
 
 
-def _stages(cfg: DictConfig, res: stages.Resources, label_set: LabelSet, model_fp: str, truth_source: str | None,
-            out_dir: Path) -> list[Stage]:
+def _label_set(cfg: DictConfig) -> LabelSet:
+    labels = cfg.labels
+    if not (labels.list or labels.file):
+        raise UserError("no labels given: set LABEL_LIST=\"cat,dog\" (labels.list, --label_list), LABELS=file "
+                        "(labels.file, --label_file), or a named set labels=<name> from conf/labels/")
+    label_set = build_label_set(labels.name, _plain(labels.list), labels.file, labels.template,
+                                _plain(labels.templates))
+    if cfg.classify.unknown_label in label_set.labels:
+        raise UserError(f"classify.unknown_label={cfg.classify.unknown_label!r} is also one of the labels; "
+                        "choose another name for the below-min_score outcome")
+    return label_set
+
+
+def _model_info(cfg: DictConfig):
+    if not cfg.model.path:
+        raise UserError("no model given: set MODEL=dir (model.path, --model_path) to a local Hugging Face model "
+                        "folder, or model=<name> from conf/model/")
+    return inspect_model_dir(cfg.model.path, cfg.model.allow_pickle)
+
+
+def _stages(cfg: DictConfig, runtime: Runtime, label_set: LabelSet, model_name: str, model_fp: str,
+            truth_mode: str, out_dir: Path) -> list[Stage]:
     """The DAG; each stage's params are exactly the config that decides its output."""
-    dtype, spec = res.device.dtype_name, res.spec.to_dict()
-    extensions = tuple(str(e) for e in cfg.dataset.extensions)
-    unknown = {"min_score": cfg.classify.min_score, "unknown_label": cfg.classify.unknown_label}
-    topk = cfg.classify.topk
-    metadata = {"model": {"name": cfg.model.name or res.model_info.path.resolve().name,
-                          "path": str(res.model_info.path), "family": res.model_info.family,
-                          "fingerprint": model_fp},
+    dtype = runtime.device.dtype_name
+    spec = spec_of(runtime.models.info).to_dict()
+    labels = list(label_set.labels)
+    metadata = {"model": {"name": model_name, "path": str(runtime.models.info.path), "fingerprint": model_fp,
+                          "family": runtime.models.info.family},
                 "label_set": label_set.to_dict(), "template": label_set.template,
-                "templates": list(label_set.templates), "dataset": {"root": str(res.root.resolve())},
-                "config": {"dtype": dtype, "topk": topk, "preprocess": spec, "draft": cfg.preprocess.draft}}
-    stage_list = [
-        Stage("discover", functools.partial(stages.discover_images, res=res, extensions=extensions),
-              params={"extensions": sorted(e.lower().lstrip(".") for e in extensions)},
-              version=STAGE_VERSIONS["discover"], kind=CONTENT),
-        Stage("encode_labels", functools.partial(stages.encode_labels, res=res, label_set=label_set),
-              params={"model": model_fp, "labels": label_set.to_dict(), "dtype": dtype},
-              version=STAGE_VERSIONS["encode_labels"], kind=CACHED),
-        Stage("encode_images", functools.partial(stages.encode_images, res=res), inputs=("discover",),
-              params={"model": model_fp, "preprocess": spec, "draft": cfg.preprocess.draft,
-                      "max_pixels": cfg.preprocess.max_pixels, "dtype": dtype},
-              version=STAGE_VERSIONS["encode_images"], kind=CACHED),
-        Stage("truth", functools.partial(stages.load_truth, source=truth_source, column=cfg.dataset.truth_column,
-                                         labels=label_set.labels), inputs=("discover",),
-              params={"source": truth_source, "column": cfg.dataset.truth_column, "labels": list(label_set.labels)},
-              version=STAGE_VERSIONS["truth"], kind=CONTENT),
-        Stage("classify", functools.partial(stages.classify, topk=topk, metadata=metadata, progress=cfg.progress,
-                                            **unknown),
-              inputs=("discover", "truth", "encode_labels", "encode_images"),
-              params={"topk": topk, "metadata": metadata, **unknown},
-              version=STAGE_VERSIONS["classify"], kind=CACHED),
-        Stage("publish", functools.partial(stages.publish, out_dir=out_dir), inputs=("classify",), kind=SINK),
+                "templates": list(label_set.templates), "dataset": {"root": runtime.source.describe()},
+                "config": {"dtype": dtype, "topk": cfg.classify.topk, "preprocess": spec,
+                           "draft": cfg.preprocess.draft}}
+    extensions = sorted(e.lstrip(".") for e in normalise_extensions(cfg.dataset.extensions))
+    stages = [
+        Stage("discover", discover.discover, params={"extensions": extensions}, version=discover.VERSION,
+              kind=CONTENT),
+        Stage("encode_labels", encode_labels.encode_labels, version=encode_labels.VERSION, kind=CACHED,
+              params={"model": model_fp, "dtype": dtype, "texts": list(label_set.texts),
+                      "templates": list(label_set.templates)}),
+        Stage("encode_images", encode_images.encode_images, inputs={"records": "discover"},
+              version=encode_images.VERSION, kind=CACHED,
+              params={"model": model_fp, "dtype": dtype, "preprocess": spec, "draft": cfg.preprocess.draft,
+                      "max_pixels": cfg.preprocess.max_pixels}),
+        Stage("truth", truth.load_truth, inputs={"records": "discover"}, version=truth.VERSION, kind=CONTENT,
+              params={"mode": truth_mode, "column": cfg.dataset.truth_column, "labels": labels}),
+        Stage("classify", classify.classify, version=classify.VERSION, kind=CACHED,
+              inputs={"truth": "truth", "label_embeddings": "encode_labels", "image_embeddings": "encode_images"},
+              params={"labels": labels, "topk": cfg.classify.topk, "min_score": cfg.classify.min_score,
+                      "unknown_label": cfg.classify.unknown_label, "metadata": metadata}),
+        Stage("publish", publish.publish, inputs={"results": "classify"}, params={"out_dir": str(out_dir)},
+              version=publish.VERSION, kind=SINK),
     ]
     if cfg.report:
-        stage_list.append(Stage("report", functools.partial(stages.write_report, out_dir=out_dir,
-                                                            dataset_root=res.root), inputs=("publish",), kind=SINK))
-    return stage_list
+        root = runtime.source.root if isinstance(runtime.source, FolderSource) else None
+        stages.append(Stage("report", report.report, inputs={"published": "publish"}, version=report.VERSION,
+                            params={"out_dir": str(out_dir), "dataset_root": str(root) if root else None},
+                            kind=SINK))
+    return stages
 
 
-def _truth_source(cfg: DictConfig) -> str | None:
+def _truth_source(cfg: DictConfig) -> tuple[str, Path | None]:
+    """(mode, file): auto, folders, or a truth file."""
     source = cfg.dataset.truth
     if source in (None, "auto", "folders"):
-        return source
+        return source or "auto", None
     if not Path(source).is_file():
         raise UserError(f"truth file not found: '{source}' (dataset.truth)")
-    return str(Path(source).resolve())
+    return "file", Path(source).resolve()
 
 
 def _check_writable(directory: Path, what: str) -> None:
@@ -174,72 +214,88 @@ def _check_writable(directory: Path, what: str) -> None:
                         "folder") from None
 
 
-def _dataset_location(cfg: DictConfig) -> Path:
+def _source(cfg: DictConfig) -> FolderSource:
     path, image = cfg.dataset.path, cfg.dataset.image
     if path and image:
         raise UserError("both dataset.path and dataset.image are set; give a folder (DATASET=) or one image (IMAGE=)")
     if not path and not image:
         raise UserError("no input: set dataset.path (DATASET=dir, --dataset_path) or dataset.image (IMAGE=file, "
                         "--input_image)")
-    location = Path(image or path)
-    if image and not location.is_file():
+    if image and not Path(image).is_file():
         raise UserError(f"image not found: '{image}' (dataset.image / IMAGE=file)")
-    if path and not location.is_dir():
+    if path and not Path(path).is_dir():
         raise UserError(f"dataset folder not found: '{path}' (dataset.path / DATASET=dir)")
-    return location
+    return FolderSource(image or path, cfg.dataset.extensions)
 
 
 def run(cfg: DictConfig, preloaded: LoadedModel | None = None) -> RunSummary:
     started = time.perf_counter()
     shard = distributed.from_environment(cfg.shard.index, cfg.shard.count)
-    the_plan = plan(cfg, preloaded, shard.local_rank if shard.distributed else None)
-    distributed.init(shard, the_plan.resources.device.device.type, cfg.shard.timeout_hours)
-    runner = Runner(the_plan.cache_dir)
+    pipeline = build(cfg, preloaded, shard.local_rank if shard.distributed else None)
+    distributed.init(shard, pipeline.runtime.device.device.type, cfg.shard.timeout_hours)
+    runner = Runner(pipeline.cache_dir, pipeline.runtime, cfg.cache_lock)
     try:
         if shard.count > 1:
-            _encode_own_shard(the_plan, runner, shard)
+            _encode_own_shard(pipeline, runner, shard)
             distributed.barrier(shard)
             if not shard.merges:
-                return RunSummary(0, 0, 0, time.perf_counter() - started, the_plan.out_dir, runner.reports,
-                                  counters=the_plan.resources.counters, shard=shard)
-        results = runner.run(the_plan.stages)
+                return RunSummary(0, 0, 0, time.perf_counter() - started, pipeline.out_dir, runner.reports,
+                                  counters=pipeline.runtime.counters, shard=shard)
+        results = runner.run(pipeline.stages)
     except OSError as exc:
         if exc.errno not in _WRITE_ERRNOS:
             raise
-        raise UserError(f"cannot write '{exc.filename or the_plan.cache_dir}': {exc.strerror}. Free some space or "
+        raise UserError(f"cannot write '{exc.filename or pipeline.cache_dir}': {exc.strerror}. Free some space or "
                         "choose another CACHE= / OUT=; the checkpoints already written stay valid and the same "
                         "command resumes from them") from exc
     finally:
         distributed.finish(shard)
-    counts = stages.read_counts(results["classify"])
+    counts = classify.read_counts(results["classify"])
     if counts["discovered"] == 0:
-        log.warning("no images found under %s (extensions: %s); outputs are empty", the_plan.resources.dataset,
+        log.warning("no images found in %s (extensions: %s); outputs are empty", pipeline.runtime.source.describe(),
                     ", ".join(cfg.dataset.extensions))
     if counts.get("metrics"):
         log.info("against ground truth: %s (metrics.parquet, confusion.parquet)", counts["metrics"])
     return RunSummary(counts["discovered"], counts["classified"], counts["errors"], time.perf_counter() - started,
-                      the_plan.out_dir, runner.reports, results, the_plan.resources.counters)
+                      pipeline.out_dir, runner.reports, results, pipeline.runtime.counters,
+                      error_kinds=error_kinds(pipeline.out_dir / "errors.parquet"))
 
 
-def _encode_own_shard(the_plan: Plan, runner: Runner, shard: distributed.Shard) -> None:
-    upstream = runner.run(the_plan.stages, targets=("discover",))
-    encode = next(s for s in the_plan.stages if s.name == "encode_images")
-    inputs = {name: upstream[name] for name in encode.inputs}
+def _encode_own_shard(pipeline: Pipeline, runner: Runner, shard: distributed.Shard) -> None:
+    upstream = runner.run(pipeline.stages, targets=("discover",))
+    encode = next(s for s in pipeline.stages if s.name == "encode_images")
     started = time.perf_counter()
-    chunks = stages.encode_shard(runner.scratch_dir(encode, inputs), inputs, the_plan.resources, shard.index,
-                                 shard.count)
+    encoded = encode_images.encode_shard(runner.context(encode), records=upstream["discover"], shard=shard.index,
+                                         shards=shard.count, **encode.params)
     runner.reports.append(StageReport(f"encode_images[shard {shard.index}/{shard.count}]",
-                                      "ran" if chunks else "reused", time.perf_counter() - started))
+                                      "ran" if encoded else "reused", time.perf_counter() - started))
 
 
-def label_distribution(out_dir: Path, limit: int | None = None) -> list[tuple[str, list[tuple[str, float]]]]:
+def error_kinds(errors_file: Path) -> list[ErrorKind]:
+    """Error types by count, each with its first paths; streamed, so a run with millions of errors is fine."""
+    counts: Counter = Counter()
+    examples: dict[str, list[str]] = {}
+    transient: dict[str, bool] = {}
+    for batch in pq.ParquetFile(errors_file).iter_batches(columns=["path", "error_type", "transient"]):
+        for path, kind, retry in zip(*(batch.column(i).to_pylist() for i in range(3))):
+            counts[kind] += 1
+            transient[kind] = transient.get(kind, False) or retry
+            if len(examples.setdefault(kind, [])) < ERROR_EXAMPLES:
+                examples[kind].append(path)
+    return [ErrorKind(kind, n, examples[kind], transient[kind]) for kind, n in counts.most_common()]
+
+
+def label_distribution(out_dir: Path) -> list[tuple[str, list[tuple[str, float]]]]:
     """Per image, every label with its probability, best first (for the single-image mode's printout)."""
     table = pq.read_table(out_dir / "predictions.parquet", columns=["path", "probs"])
-    from .writers import read_metadata
-
     labels = read_metadata(out_dir / "predictions.parquet")["label_set"]["labels"]
     rows = []
     for path, probs in zip(table.column("path").to_pylist(), table.column("probs").to_pylist()):
-        ranked = sorted(zip(labels, probs), key=lambda lp: -lp[1])
-        rows.append((path, ranked[:limit] if limit else ranked))
+        rows.append((path, sorted(zip(labels, probs), key=lambda lp: -lp[1])))
     return rows
+
+
+def image_errors(out_dir: Path) -> list[tuple[str, str, str]]:
+    """(path, error type, message) of every image in errors.parquet (single-image mode shows the reason)."""
+    table = pq.read_table(out_dir / "errors.parquet", columns=["path", "error_type", "message"])
+    return list(zip(*(table.column(i).to_pylist() for i in range(3))))

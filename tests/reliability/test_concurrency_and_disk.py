@@ -7,10 +7,11 @@ import subprocess
 
 import pytest
 
-from pipeline import storage, workflow
+from pipeline import workflow
+from pipeline.engine import files as storage
 from pipeline.errors import UserError
 
-from .conftest import STATS, compare_outputs, job_command, render_dataset, run_job
+from .conftest import STATS, compare_outputs, job_command, leftovers, render_dataset, run_job
 
 ARGS = ("encode.batch_size=4", "encode.chunk_size=16", "encode.num_workers=1", "labels=shapes")
 
@@ -33,8 +34,8 @@ def test_two_runs_at_once_on_one_cache(dataset, tmp_path):
     for i in range(2):
         assert compare_outputs(tmp_path / f"out{i}", tmp_path / "ref") == []
     # One cache entry per stage fingerprint: nothing was computed twice into two entries, nothing is corrupt.
-    entries = [p for p in (tmp_path / "shared" / "encode_images").iterdir() if p.is_dir()]
-    assert len(entries) == 1 and not list((tmp_path / "shared").rglob(".tmp-*"))
+    entries = [p for p in (tmp_path / "shared" / "encode_images").iterdir() if p.is_dir() and p.name != "pool"]
+    assert len(entries) == 1 and leftovers(tmp_path / "shared") == []
 
 
 def test_parallel_multirun_with_joblib_launcher(dataset, tmp_path):
@@ -42,6 +43,7 @@ def test_parallel_multirun_with_joblib_launcher(dataset, tmp_path):
     proc = run_job(job_command(dataset, tmp_path / "unused", tmp_path / "cache", "encode.num_workers=0",
                                "encode.batch_size=4", "encode.chunk_size=16")[:2] +
                    ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", f"dataset.path={dataset}",
+                    "model=tiny_clip",
                     f"cache_dir={tmp_path / 'cache'}", f"hydra.sweep.dir={tmp_path / 'sweep'}", "progress=false",
                     "device=cpu", "encode.num_workers=0", "encode.batch_size=4", "encode.chunk_size=16",
                     "labels=shapes,colors,shapes"])
@@ -51,22 +53,24 @@ def test_parallel_multirun_with_joblib_launcher(dataset, tmp_path):
 
 def test_disk_full_gives_clear_error_and_keeps_checkpoints(compose, monkeypatch):
     first = workflow.run(compose("encode.chunk_size=8", "encode.batch_size=4"))
-    real_put = __import__("pipeline.dag", fromlist=["ChunkStore"]).ChunkStore.put
+    from pipeline.engine.chunks import ChunkPool
+
+    real_put = ChunkPool.put
     calls = []
 
-    def full_after_three(self, key, write):
+    def full_after_three(self, key, data, final=True):
         if len(calls) == 3:
             raise OSError(errno.ENOSPC, "No space left on device", str(self.directory / key))
         calls.append(key)
-        return real_put(self, key, write)
+        return real_put(self, key, data, final)
 
-    monkeypatch.setattr("pipeline.dag.ChunkStore.put", full_after_three)
+    monkeypatch.setattr(ChunkPool, "put", full_after_three)
     with pytest.raises(UserError, match="No space left on device.*resumes") as info:
         workflow.run(compose("encode.chunk_size=8", "encode.batch_size=4", "preprocess.max_pixels=99999999",
                              out="out2"))
     STATS["faults injected"] += 1
     assert "CACHE=" in str(info.value)
-    monkeypatch.setattr("pipeline.dag.ChunkStore.put", real_put)
+    monkeypatch.setattr(ChunkPool, "put", real_put)
     resumed = workflow.run(compose("encode.chunk_size=8", "encode.batch_size=4", "preprocess.max_pixels=99999999",
                                    out="out2"))
     assert {r.name: r.status for r in resumed.reports}["encode_images"] == "resumed"

@@ -130,3 +130,39 @@ def test_image_zoo(tmp_path):
     sizes = dict(zip(preds["path"], zip(preds["width"], preds["height"])))
     assert sizes["rotated_exif.jpg"] == (120, 160) and sizes["strip_20000x20.png"] == (20000, 20)
     assert "new\nline.jpg" in set(preds["path"])
+
+
+def test_unreadable_file_is_retried_by_the_next_run(tmp_path):
+    """Permission denied is a failure outside the file's bytes: listed as transient, its chunk provisional, and
+    the next run (the file readable again) classifies it; outputs then equal a clean run's. A file whose bytes
+    do not decode stays an error and its chunk is not encoded again."""
+    import re
+
+    from .conftest import compare_outputs, log_of, render_dataset
+
+    data = tmp_path / "data"
+    render_dataset(data, 30, seed=5)
+    (data / "part0" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really")
+    victim = sorted((data / "part1").iterdir())[2]
+    args = ("encode.batch_size=4", "encode.chunk_size=8", "encode.num_workers=1", "labels=colors")
+    clean = run_job(job_command(data, tmp_path / "clean", tmp_path / "clean-cache", *args))
+    assert clean.returncode == 0, clean.stderr
+    os.chmod(victim, 0)
+    first = run_job(job_command(data, tmp_path / "out", tmp_path / "cache", *args),
+                    preexec_fn=_without_root_read_override)
+    assert first.returncode == 0, first.stderr
+    errors = pq.read_table(tmp_path / "out" / "errors.parquet").to_pandas().set_index("path")
+    rel = victim.relative_to(data).as_posix()
+    assert errors.loc[rel, "error_type"] == "PermissionError" and errors.loc[rel, "transient"]
+    assert errors.loc["part0/broken.jpg", "error_type"] == "OSError" and not errors.loc["part0/broken.jpg", "transient"]
+    assert "the next run computes it again" in log_of(first)
+    os.chmod(victim, 0o644)
+    second = run_job(job_command(data, tmp_path / "out", tmp_path / "cache", *args),
+                     preexec_fn=_without_root_read_override)
+    assert second.returncode == 0, second.stderr
+    encoded = re.search(r"encoded (\d+) images in (\d+) chunks; (\d+) chunks reused", log_of(second))
+    assert encoded and encoded.group(2) == "1" and int(encoded.group(3)) >= 2  # only the victim's chunk again
+    assert compare_outputs(tmp_path / "out", tmp_path / "clean") == []
+    STATS["inputs tried"] += 2
+    third = run_job(job_command(data, tmp_path / "out", tmp_path / "cache", *args))
+    assert re.search(r"stage encode_images +reused", log_of(third))  # the broken file is not decoded again

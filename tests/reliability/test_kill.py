@@ -8,20 +8,23 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
-from .conftest import FULL, STATS, compare_outputs, job_command, read_outputs, render_dataset, run_job
+from .conftest import (FULL, STATS, compare_outputs, job_command, leftovers, log_of, read_outputs, render_dataset,
+                       run_job)
 
 ARGS = ("encode.batch_size=4", "encode.chunk_size=16", "encode.num_workers=1", "labels=pairs")
 INJECTED = ["stage.before:2", "stage.before:4", "stage.before_seal:1", "stage.before_seal:2",
             "stage.before_seal:3", "chunk.before_rename:1", "chunk.before_rename:7", "chunk.after_write:3",
             "chunk.after_write:14", "classify.row_group:2", "classify.row_group:9", "publish.file:1",
             "publish.file:2"]
-FAST_INJECTED = ["chunk.before_rename:7", "classify.row_group:2", "publish.file:1"]
+FAST_INJECTED = ["stage.before_seal:3", "chunk.before_rename:7", "classify.row_group:2", "publish.file:1"]
 RANDOM_SEEDS = list(range(11)) if FULL else [0]
 
 
@@ -55,13 +58,25 @@ def _check_visible_files_whole(out):
                 pq.read_table(path)
 
 
+def _finished_chunks(cache: Path) -> int:
+    return sum(1 for _ in (cache / "encode_images" / "pool").glob("*/*/*.chunk"))
+
+
 def _rerun_and_compare(dataset, base, reference_out):
+    """Rerun, then: outputs equal the uninterrupted run's, every chunk finished before the kill was reused (no
+    image encoded twice), and nothing temporary is left in the cache."""
     _check_visible_files_whole(base / "out")
+    finished = _finished_chunks(base / "cache")
     proc = run_job(job_command(dataset, base / "out", base / "cache", *ARGS))
     assert proc.returncode == 0, proc.stderr
     assert compare_outputs(base / "out", reference_out) == []
     outputs = read_outputs(base / "out")
     assert len(outputs["res.json"]) + outputs["errors"].num_rows == 241
+    encoded = re.search(r"encoded (\d+) images in (\d+) chunks; (\d+) chunks reused", log_of(proc))
+    if encoded:  # the kill came after the image embeddings were sealed: no encoding ran at all
+        assert int(encoded.group(3)) == finished, log_of(proc)[-3000:]
+    assert leftovers(base / "cache") == []
+    return proc
 
 
 @pytest.mark.parametrize("fault", INJECTED if FULL else FAST_INJECTED)
@@ -71,6 +86,21 @@ def test_injected_kill_then_rerun_is_identical(dataset, reference, tmp_path, fau
     assert proc.returncode == -signal.SIGKILL, f"fault {fault} never fired: {proc.stderr[-2000:]}"
     STATS["faults injected"] += 1
     _rerun_and_compare(dataset, tmp_path, reference[0])
+
+
+def test_kill_at_seal_of_image_embeddings_encodes_nothing_again(dataset, reference, tmp_path):
+    """The third seal is encode_images' (after discover and encode_labels): its chunks stay in the pool."""
+    proc = run_job(job_command(dataset, tmp_path / "out", tmp_path / "cache", *ARGS),
+                   env={"PIPELINE_FAULT": "stage.before_seal:3"})
+    assert proc.returncode == -signal.SIGKILL
+    stage_dir = tmp_path / "cache" / "encode_images"
+    entries = [p.name for p in stage_dir.iterdir() if p.is_dir() and p.name != "pool"]
+    assert len(entries) == 1 and entries[0].startswith(".tmp-")  # killed while sealing: no entry, its temp dir
+    assert _finished_chunks(tmp_path / "cache") > 1
+    STATS["faults injected"] += 1
+    rerun = _rerun_and_compare(dataset, tmp_path, reference[0])
+    assert "encoded 0 images in 0 chunks" in log_of(rerun)
+    assert re.search(r"stage encode_images +resumed", log_of(rerun))
 
 
 @pytest.mark.parametrize("seed", RANDOM_SEEDS)

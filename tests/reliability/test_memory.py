@@ -28,20 +28,14 @@ def _make_images(root, count):
 
 
 def _peak_rss_mb(tmp_path, count):
-    import sys
-
     data = tmp_path / f"data{count}"
     _make_images(data, count)
     cmd = job_command(data, tmp_path / f"out{count}", tmp_path / f"cache{count}", "encode.batch_size=256",
                       "encode.chunk_size=4096", "encode.num_workers=2", "labels=colors")
-    # Measure the job alone, in a fresh child of a helper process, so earlier children do not count.
-    probe = ("import resource,subprocess,sys; subprocess.run(sys.argv[1:], check=True, "
-             "stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL); "
-             "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
-    proc = run_job([sys.executable, "-c", probe, *cmd])
+    proc = run_job(cmd)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert pq.read_metadata(tmp_path / f"out{count}" / "predictions.parquet").num_rows == count
-    return int(proc.stdout.strip()) / 1024
+    return proc.peak_mb
 
 
 def test_peak_memory_flat_with_dataset_size(tmp_path):

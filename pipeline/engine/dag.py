@@ -1,0 +1,234 @@
+"""A small DAG runner with fingerprinted, resumable, checksummed stage outputs.
+
+It knows nothing about images or models. A stage is a plain function `fn(ctx, **inputs, **params)`: its inputs
+are other stages' outputs (`Artifact`s, by argument name), its params are plain JSON values, and the runner calls
+it with exactly the params it hashes, so nothing that changes a result can reach a stage unhashed. What changes
+only speed (batch size, workers, the device, a loaded model) comes in `ctx.runtime`, which the runner passes
+through untouched and never hashes.
+
+A stage's output is a directory in the cache named by its fingerprint, sha256 of (name, version, params, input
+fingerprints), as in DVC and HF `datasets`; "present and checks out" means done, as in Luigi and doit. Kinds:
+
+- `cached`: skipped when its entry is present, final and intact;
+- `content`: always runs (it reads the outside world, e.g. lists a folder) and is fingerprinted by what it wrote,
+  so downstream stages are skipped exactly when that content did not change;
+- `sink`: always runs and publishes outside the cache (e.g. into a run directory).
+
+Long stages keep their progress in a chunk pool (`ctx.pool`, see `chunks.py`) that survives kills and
+fingerprint changes; sealing writes only a list of chunks. A stage that returns `Incomplete` is sealed but
+recomputed by the next run (and so is everything downstream). A stage that finds an input corrupt while reading
+it raises `InputCorrupt`; the runner recomputes that input (its chunks that are still good are kept) and runs the
+stage again.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from . import cache
+from .cache import Artifact, InputCorrupt
+from .failpoints import failpoint
+from .files import canonical_json, remove, sha256_json, tmp_name
+from .locks import locked
+
+log = logging.getLogger(__name__)
+
+CACHED, CONTENT, SINK = "cached", "content", "sink"
+KINDS = (CACHED, CONTENT, SINK)
+POOL_DIR = "pool"
+MAX_REPAIRS = 3
+
+
+@dataclass
+class StageContext:
+    out: Path | None  # write the stage's files here (a temporary directory, sealed into the cache on success)
+    runtime: Any  # what changes speed, never results: passed through from the Runner, never hashed
+    pool: Path | None = None  # the stage's chunk pool (cached stages): survives kills and fingerprint changes
+    key: str = ""  # hash of (stage, version, params): namespaces the stage's chunk keys
+    resumed: bool = False  # set by the stage when it found earlier progress to build on
+
+
+@dataclass(frozen=True)
+class Incomplete:
+    """Returned by a stage whose output holds failures worth retrying: sealed for this run, recomputed next."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    fn: Callable[..., Incomplete | None]
+    inputs: Mapping[str, str] = field(default_factory=dict)  # argument name -> upstream stage name
+    params: Mapping[str, Any] = field(default_factory=dict)  # plain JSON: hashed, and passed as keyword args
+    version: int | str = 1  # kept beside the stage's code; bump when its output changes for the same params
+    kind: str = CACHED
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"stage {self.name}: unknown kind {self.kind!r}")
+        canonical_json(dict(self.params), f"stage {self.name} params")  # refuses what is not JSON, now
+        clash = set(self.inputs) & set(self.params)
+        if clash:
+            raise ValueError(f"stage {self.name}: {sorted(clash)} is both an input and a param")
+
+    @property
+    def identity(self) -> str:
+        """What the stage computes, without its inputs: namespaces its chunk keys."""
+        return sha256_json({"stage": self.name, "version": self.version, "params": dict(self.params)})
+
+    def fingerprint(self, inputs: Mapping[str, Artifact], content: str | None = None) -> str:
+        return sha256_json({"identity": self.identity, "content": content,
+                            "inputs": {arg: art.fingerprint for arg, art in sorted(inputs.items())}})
+
+
+@dataclass
+class StageReport:
+    name: str
+    status: str  # ran | reused | resumed | unchanged | changed | published
+    seconds: float
+    fingerprint: str | None = None
+
+
+@dataclass
+class Runner:
+    cache_dir: Path
+    runtime: Any = None
+    lock_kind: str = "auto"
+    reports: list[StageReport] = field(default_factory=list)
+
+    def run(self, stages: list[Stage], targets: tuple[str, ...] | None = None) -> dict[str, Artifact]:
+        """Run `stages` in dependency order; with `targets`, only those and what they depend on."""
+        results: dict[str, Artifact] = {}
+        ordered = topological_order(stages)
+        by_name = {s.name: s for s in ordered}
+        if targets is not None:
+            needed = _ancestors(by_name, targets)
+            ordered = [s for s in ordered if s.name in needed]
+        for stage in ordered:
+            started = time.perf_counter()
+            failpoint("stage.before")
+            artifact, status = self._run_repairing(stage, by_name, results)
+            results[stage.name] = artifact
+            report = StageReport(stage.name, status, time.perf_counter() - started, artifact.fingerprint)
+            self.reports.append(report)
+            fp = f" [{artifact.fingerprint[:12]}]" if artifact.fingerprint else ""
+            log.info("stage %-15s %-9s %6.2fs%s", stage.name, status, report.seconds, fp)
+        return results
+
+    def context(self, stage: Stage, out: Path | None = None) -> StageContext:
+        """The context a stage's function gets; also for work done outside `run` (a shard's chunks)."""
+        # One pool per stage identity: a run scans only the chunks it could use, however many models, dtypes or
+        # preprocessing settings share the cache.
+        identity = stage.identity
+        pool = self.cache_dir / stage.name / POOL_DIR / identity[:16] if stage.kind == CACHED else None
+        return StageContext(out=out, runtime=self.runtime, pool=pool, key=identity)
+
+    def _run_repairing(self, stage: Stage, by_name: dict[str, Stage],
+                       results: dict[str, Artifact]) -> tuple[Artifact, str]:
+        for attempt in range(MAX_REPAIRS + 1):
+            try:
+                return self._run_one(stage, {arg: results[src] for arg, src in stage.inputs.items()})
+            except InputCorrupt as exc:
+                if attempt == MAX_REPAIRS:
+                    raise
+                bad = exc.artifact
+                log.warning("stage %s: input %s is corrupt (%s); recomputing it", stage.name, bad.stage, exc)
+                if bad.path is not None:
+                    remove(bad.path / cache.MANIFEST)  # no longer a valid entry; its intact chunks stay pooled
+                upstream = by_name[bad.stage]
+                results[bad.stage], _ = self._run_one(upstream, {a: results[s] for a, s in upstream.inputs.items()})
+        raise AssertionError("unreachable")
+
+    def _run_one(self, stage: Stage, inputs: dict[str, Artifact]) -> tuple[Artifact, str]:
+        if stage.kind == SINK:
+            stage.fn(self.context(stage), **inputs, **stage.params)
+            return Artifact(stage.name, "", None), "published"
+        if stage.kind == CONTENT:
+            return self._run_content(stage, inputs)
+        return self._run_cached(stage, inputs)
+
+    def _run_cached(self, stage: Stage, inputs: dict[str, Artifact]) -> tuple[Artifact, str]:
+        fingerprint = stage.fingerprint(inputs)
+        stage_dir = self.cache_dir / stage.name
+        final = stage_dir / fingerprint
+        ctx = self.context(stage)
+        with locked(stage_dir / f"{fingerprint}.lock", self.lock_kind):
+            cache.sweep(stage_dir, fingerprint[:16])
+            if cache.is_final(final) and cache.verify(final, ctx.pool):
+                return Artifact(stage.name, fingerprint, final, True, ctx.pool), "reused"
+            if final.exists() and cache.is_final(final):
+                log.warning("stage %s: cached output %s failed its check; recomputing", stage.name, final)
+            ctx.out = stage_dir / tmp_name(fingerprint[:16])
+            ctx.out.mkdir(parents=True)
+            try:
+                outcome = stage.fn(ctx, **inputs, **stage.params)
+                final_flag = self._seal(stage, inputs, fingerprint, ctx.out, final, outcome)
+            finally:
+                remove(ctx.out)
+        return Artifact(stage.name, fingerprint, final, final_flag, ctx.pool), "resumed" if ctx.resumed else "ran"
+
+    def _run_content(self, stage: Stage, inputs: dict[str, Artifact]) -> tuple[Artifact, str]:
+        stage_dir = self.cache_dir / stage.name
+        tmp = stage_dir / tmp_name("content")
+        tmp.mkdir(parents=True)
+        try:
+            outcome = stage.fn(self.context(stage, tmp), **inputs, **stage.params)
+            files = cache.file_records(tmp)
+            content = sha256_json({name: meta["sha256"] for name, meta in files.items()})
+            fingerprint = stage.fingerprint(inputs, content=content)
+            final = stage_dir / fingerprint
+            with locked(stage_dir / f"{fingerprint}.lock", self.lock_kind):
+                cache.sweep(stage_dir, fingerprint[:16])
+                if cache.is_final(final) and cache.verify(final, None):
+                    return Artifact(stage.name, fingerprint, final), "unchanged"
+                final_flag = self._seal(stage, inputs, fingerprint, tmp, final, outcome)
+            return Artifact(stage.name, fingerprint, final, final_flag), "changed"
+        finally:
+            remove(tmp)
+
+    @staticmethod
+    def _seal(stage: Stage, inputs: dict[str, Artifact], fingerprint: str, tmp: Path, final: Path,
+              outcome: Incomplete | None) -> bool:
+        reasons = [outcome.reason] if isinstance(outcome, Incomplete) else []
+        reasons += [f"input {a.stage} is not final" for a in inputs.values() if not a.final]
+        if reasons:
+            log.info("stage %s: %s; the next run computes it again", stage.name, "; ".join(reasons))
+        cache.seal(tmp, final, {"stage": stage.name, "version": stage.version, "fingerprint": fingerprint,
+                                "params": dict(stage.params), "final": not reasons,
+                                "inputs": {arg: art.fingerprint for arg, art in inputs.items()}})
+        return not reasons
+
+
+def _ancestors(by_name: dict[str, Stage], targets: tuple[str, ...]) -> set[str]:
+    needed, todo = set(), list(targets)
+    while todo:
+        name = todo.pop()
+        if name not in needed:
+            needed.add(name)
+            todo.extend(by_name[name].inputs.values())
+    return needed
+
+
+def topological_order(stages: list[Stage]) -> list[Stage]:
+    """Dependency order, stable with respect to the given order; rejects unknown inputs and cycles."""
+    by_name = {s.name: s for s in stages}
+    if len(by_name) != len(stages):
+        raise ValueError("stage names must be unique")
+    for stage in stages:
+        missing = [i for i in stage.inputs.values() if i not in by_name]
+        if missing:
+            raise ValueError(f"stage {stage.name} needs unknown stage(s) {missing}")
+    ordered: list[Stage] = []
+    done: set[str] = set()
+    while len(ordered) < len(stages):
+        ready = [s for s in stages if s.name not in done and all(i in done for i in s.inputs.values())]
+        if not ready:
+            raise ValueError(f"dependency cycle among {sorted(set(by_name) - done)}")
+        ordered.append(ready[0])
+        done.add(ready[0].name)
+    return ordered

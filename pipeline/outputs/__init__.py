@@ -1,0 +1,1 @@
+"""What a run writes: result files (writers), metrics against ground truth, report.html, the multirun summary."""

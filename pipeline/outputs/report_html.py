@@ -1,0 +1,383 @@
+"""`report.html`: one self-contained page that shows a run, built from its parquet files alone.
+
+Nothing on the page reaches the network: CSS is inline, charts are inline SVG, thumbnails are small base64 JPEGs.
+The page carries only aggregates and capped galleries, so a 100k-image run gives a page of the same size as a
+1k-image one. It has no scripts. Every piece of text from the run (paths, labels, messages) goes through
+`html.escape`.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+from html import escape
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+from PIL import Image
+
+from ..engine.files import atomic_open
+from ..errors import ImageError
+from ..imaging import decode
+from .writers import read_metadata
+
+REPORT_NAME = "report.html"
+MAX_BAR_LABELS = 30
+MAX_CONFUSION_LABELS = 30
+MAX_GALLERY_LABELS = 50
+MAX_ERROR_ROWS = 500
+HIST_BINS = 20
+THUMB_SIDE = 128
+THUMB_QUALITY = 70
+THUMB_MAX_PIXELS = 100_000_000  # refuse to decode anything bigger for a thumbnail (decompression bombs)
+
+_CSS = """
+:root { --fg:#1d2330; --muted:#5b6474; --line:#d8dce3; --bg:#f6f7f9; --accent:#2e6fc9; --bad:#c0392b; }
+* { box-sizing: border-box; }
+body { margin:0; padding:24px 32px 48px; font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,
+       "Noto Sans","Noto Sans CJK SC",sans-serif; color:var(--fg); background:#fff; }
+h1 { font-size:22px; margin:0 0 4px; } h2 { font-size:18px; margin:32px 0 8px; border-bottom:1px solid var(--line);
+     padding-bottom:4px; } h3 { font-size:15px; margin:18px 0 6px; } h4 { font-size:13px; margin:8px 0 4px;
+     color:var(--muted); font-weight:600; }
+.muted, .note { color:var(--muted); } .note { font-size:12px; margin:4px 0; }
+dl.kv { display:grid; grid-template-columns:max-content 1fr; gap:4px 16px; margin:8px 0; }
+dl.kv dt { color:var(--muted); } dl.kv dd { margin:0; overflow-wrap:anywhere; }
+.cards { display:flex; flex-wrap:wrap; gap:12px; margin:12px 0; }
+.card { background:var(--bg); border:1px solid var(--line); border-radius:6px; padding:8px 14px; min-width:130px; }
+.card .v { font-size:20px; font-weight:600; } .card .k { color:var(--muted); font-size:12px; }
+.card.bad .v { color:var(--bad); }
+svg { max-width:100%; height:auto; } svg text { font-family:inherit; fill:var(--fg); }
+table { border-collapse:collapse; font-size:12px; }
+th, td { border:1px solid var(--line); padding:3px 6px; text-align:left; vertical-align:top; }
+th { background:var(--bg); }
+table.confusion td { text-align:right; min-width:34px; } table.confusion td.diag { font-weight:700; }
+table.confusion th.pred { writing-mode:vertical-rl; transform:rotate(180deg); white-space:nowrap; }
+table.errors td { overflow-wrap:anywhere; white-space:pre-wrap; max-width:520px; }
+section.gallery { border-top:1px solid var(--line); margin-top:10px; }
+.thumbs { display:flex; flex-wrap:wrap; gap:8px; }
+figure.thumb { margin:0; width:140px; font-size:11px; }
+figure.thumb img, figure.thumb .missing { display:block; width:128px; height:128px; object-fit:contain;
+       background:var(--bg); border:1px solid var(--line); }
+figure.thumb .missing { display:flex; align-items:center; justify-content:center; padding:4px; color:var(--muted);
+       font-size:10px; overflow:hidden; overflow-wrap:anywhere; text-align:center; }
+figcaption { overflow-wrap:anywhere; white-space:pre-wrap; } figcaption .score { font-weight:600; }
+"""
+
+
+def build_report(run_dir: Path, dataset_root: Path | None = None, *, thumbs_per_label: int = 6) -> Path:
+    """Write `run_dir/report.html` (atomically) and return its path."""
+    run_dir = Path(run_dir)
+    pred_path = run_dir / "predictions.parquet"
+    if not pred_path.is_file():
+        raise FileNotFoundError(f"{pred_path} does not exist: is {run_dir} a run directory?")
+    schema = pq.read_schema(pred_path)
+    meta = read_metadata(pred_path)
+    if dataset_root is None:
+        root = (meta.get("dataset") or {}).get("root")
+        dataset_root = Path(root) if root else None
+    columns = [c for c in ("path", "label", "score", "truth") if c in schema.names]
+    preds = pq.read_table(pred_path, columns=columns).to_pandas()
+    preds["score"] = preds["score"].astype(np.float64)
+    errors = _read_optional(run_dir / "errors.parquet", ["path", "stage", "error_type", "message"])
+    metrics = _read_optional(run_dir / "metrics.parquet")
+    confusion = _read_optional(run_dir / "confusion.parquet")
+
+    counts = preds["label"].value_counts(sort=False)
+    counts = counts.iloc[np.lexsort((counts.index.to_numpy(dtype=str), -counts.to_numpy()))]  # ties by name
+
+    parts = [
+        _summary(run_dir, meta, preds, errors, metrics, dataset_root),
+        _label_counts(counts),
+        _confidence(preds["score"].to_numpy()),
+    ]
+    if confusion is not None:
+        parts.append(_confusion(confusion))
+    parts.append(_galleries(preds, counts, dataset_root, thumbs_per_label, metrics))
+    parts.append(_errors(errors))
+
+    title = f"Report: {run_dir.name}"
+    page = (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+            f"<title>{escape(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
+            f"<h1>{escape(title)}</h1>\n" + "\n".join(parts) + "\n</body>\n</html>\n")
+    out = run_dir / REPORT_NAME
+    with atomic_open(out, "w", encoding="utf-8") as fh:
+        fh.write(page)
+    return out
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def _read_optional(path: Path, columns: list[str] | None = None) -> pd.DataFrame | None:
+    if not path.is_file():
+        return None
+    return pq.read_table(path, columns=columns).to_pandas()
+
+
+def _templates(meta: dict[str, Any]) -> list[str]:
+    label_set = meta.get("label_set") or {}
+    for value in (meta.get("templates"), label_set.get("templates"), meta.get("template"), label_set.get("template")):
+        if isinstance(value, str) and value:
+            return [value]
+        if isinstance(value, (list, tuple)) and value:
+            return [str(v) for v in value]
+    return []
+
+
+def _overall(metrics: pd.DataFrame | None) -> dict[str, float]:
+    if metrics is None or metrics.empty:
+        return {}
+    rows = metrics[metrics["scope"] == "overall"]
+    return {str(m): float(v) for m, v in zip(rows["metric"], rows["value"])}
+
+
+def _per_class(metrics: pd.DataFrame | None) -> dict[str, dict[str, float]]:
+    if metrics is None or metrics.empty:
+        return {}
+    rows = metrics[(metrics["scope"] == "class") & metrics["label"].notna()]
+    out: dict[str, dict[str, float]] = {}
+    for label, metric, value in zip(rows["label"], rows["metric"], rows["value"]):
+        out.setdefault(str(label), {})[str(metric)] = float(value)
+    return out
+
+
+# ---------------------------------------------------------------- sections
+
+
+def _summary(run_dir: Path, meta: dict, preds: pd.DataFrame, errors: pd.DataFrame | None,
+             metrics: pd.DataFrame | None, dataset_root: Path | None) -> str:
+    model = meta.get("model") or {}
+    label_set = meta.get("label_set") or {}
+    labels = label_set.get("labels") or []
+    n_err = 0 if errors is None else len(errors)
+    overall = _overall(metrics)
+    cards = [_card("images classified", f"{len(preds):,}"),
+             _card("errors", f"{n_err:,}", bad=n_err > 0)]
+    for key, name in (("top1_accuracy", "top-1 accuracy"), ("top5_accuracy", "top-5 accuracy"),
+                      ("mean_per_class_recall", "mean per-class recall")):
+        if key in overall and not math.isnan(overall[key]):
+            cards.append(_card(name, f"{overall[key]:.1%}"))
+    if len(preds):
+        cards.append(_card("median confidence", f"{float(np.median(preds['score'])):.3f}"))
+    templates = _templates(meta)
+    rows = [
+        ("run directory", str(run_dir.resolve())),
+        ("model", f"{model.get('name', '?')} ({model.get('family', '?')})"),
+        ("model path", model.get("path")),
+        ("model fingerprint", (model.get("fingerprint") or "")[:16] or None),
+        ("label set", f"{label_set.get('name', '?')}: {len(labels)} labels" if label_set else None),
+        ("labels", ", ".join(map(str, labels[:40])) + (f", … ({len(labels) - 40} more)" if len(labels) > 40 else "")
+         if labels else None),
+        ("template" if len(templates) == 1 else f"templates ({len(templates)})",
+         " | ".join(templates[:20]) + (" | …" if len(templates) > 20 else "") if templates else None),
+        ("dataset root", str(dataset_root) if dataset_root else "unknown (thumbnails shown as placeholders)"),
+    ]
+    if "truth" in preds.columns:
+        rows.append(("images with ground truth", f"{int(preds['truth'].notna().sum()):,}"))
+    kv = "".join(f"<dt>{escape(k)}</dt><dd>{escape(str(v))}</dd>" for k, v in rows if v)
+    return (f'<section id="summary">\n<h2>Summary</h2>\n<div class="cards">{"".join(cards)}</div>\n'
+            f'<dl class="kv">{kv}</dl>\n</section>')
+
+
+def _card(key: str, value: str, bad: bool = False) -> str:
+    cls = "card bad" if bad else "card"
+    return f'<div class="{cls}"><div class="v">{escape(value)}</div><div class="k">{escape(key)}</div></div>'
+
+
+def _label_counts(counts: pd.Series) -> str:
+    head = '<section id="label-counts">\n<h2>Images per predicted label</h2>\n'
+    if counts.empty:
+        return head + '<p class="note">No predictions.</p>\n</section>'
+    shown = counts.iloc[:MAX_BAR_LABELS]
+    note = (f'<p class="note">Showing the {len(shown)} most frequent of {len(counts)} labels.</p>\n'
+            if len(counts) > len(shown) else "")
+    label_w, bar_w, row_h, right = 180, 520, 20, 70
+    width, height = label_w + bar_w + right, row_h * len(shown) + 10
+    peak = max(int(shown.max()), 1)
+    bars = []
+    for i, (label, n) in enumerate(shown.items()):
+        y = 5 + i * row_h
+        w = max(bar_w * int(n) / peak, 1.0)
+        text = _clip(str(label), 26)
+        bars.append(
+            f'<g class="bar" data-label="{escape(str(label))}"><title>{escape(str(label))}: {int(n):,}</title>'
+            f'<text x="{label_w - 6}" y="{y + 14}" text-anchor="end" font-size="12">{escape(text)}</text>'
+            f'<rect x="{label_w}" y="{y + 2}" width="{w:.1f}" height="{row_h - 5}" fill="#2e6fc9"/>'
+            f'<text x="{label_w + w + 4:.1f}" y="{y + 14}" font-size="11">{int(n):,}</text></g>')
+    svg = (f'<svg width="{width}" height="{height}" '
+           f'viewBox="0 0 {width} {height}" role="img" aria-label="images per label">{"".join(bars)}</svg>')
+    return head + note + svg + "\n</section>"
+
+
+def _confidence(scores: np.ndarray) -> str:
+    head = '<section id="confidence">\n<h2>Confidence (top score) histogram</h2>\n'
+    if scores.size == 0:
+        return head + '<p class="note">No predictions.</p>\n</section>'
+    finite = scores[np.isfinite(scores)]
+    hist, edges = np.histogram(np.clip(finite, 0.0, 1.0), bins=HIST_BINS, range=(0.0, 1.0))
+    left, bottom, plot_w, plot_h = 50, 30, 600, 200
+    width, height = left + plot_w + 20, plot_h + bottom + 20
+    peak = max(int(hist.max()), 1)
+    bin_w = plot_w / HIST_BINS
+    items = [f'<line x1="{left}" y1="{10 + plot_h}" x2="{left + plot_w}" y2="{10 + plot_h}" stroke="#888"/>',
+             f'<line x1="{left}" y1="10" x2="{left}" y2="{10 + plot_h}" stroke="#888"/>',
+             f'<text x="{left - 6}" y="16" text-anchor="end" font-size="11">{peak:,}</text>',
+             f'<text x="{left - 6}" y="{10 + plot_h}" text-anchor="end" font-size="11">0</text>']
+    for i, n in enumerate(hist):
+        h = plot_h * int(n) / peak
+        x = left + i * bin_w
+        items.append(f'<rect class="bin" x="{x + 1:.1f}" y="{10 + plot_h - h:.1f}" width="{bin_w - 2:.1f}" '
+                     f'height="{h:.1f}" fill="#5a9be6"><title>{edges[i]:.2f}–{edges[i + 1]:.2f}: {int(n):,}'
+                     f'</title></rect>')
+    for t in np.linspace(0.0, 1.0, 6):
+        x = left + plot_w * t
+        items.append(f'<text x="{x:.1f}" y="{plot_h + 26}" text-anchor="middle" font-size="11">{t:.1f}</text>')
+    svg = (f'<svg width="{width}" height="{height}" '
+           f'viewBox="0 0 {width} {height}" role="img" aria-label="confidence histogram">{"".join(items)}</svg>')
+    q = np.percentile(finite, [10, 50, 90]) if finite.size else [float("nan")] * 3
+    note = (f'<p class="note">{finite.size:,} images in {HIST_BINS} bins of width {1 / HIST_BINS:.2f}; '
+            f'10th / 50th / 90th percentile: {q[0]:.3f} / {q[1]:.3f} / {q[2]:.3f}.</p>')
+    return head + svg + "\n" + note + "\n</section>"
+
+
+def _confusion(confusion: pd.DataFrame) -> str:
+    head = ('<section id="confusion">\n<h2>Confusion matrix</h2>\n'
+            '<p class="note">Rows: true label; columns: predicted label. Shading is the share of the row.</p>\n')
+    if confusion.empty:
+        return head + '<p class="note">No images with ground truth.</p>\n</section>'
+    conf = confusion.assign(true_label=confusion["true_label"].fillna("(none)").astype(str),
+                            predicted_label=confusion["predicted_label"].fillna("(none)").astype(str))
+    matrix = conf.pivot_table(index="true_label", columns="predicted_label", values="count",
+                              aggfunc="sum", fill_value=0)
+    row_tot = matrix.sum(axis=1)
+    true_order = sorted(matrix.index, key=lambda t: (-int(row_tot[t]), t))
+    note = ""
+    if len(true_order) > MAX_CONFUSION_LABELS:
+        note = (f'<p class="note">Showing the {MAX_CONFUSION_LABELS} most frequent of {len(true_order)} true labels; '
+                f'predictions of any other label are summed under "other".</p>\n')
+        true_order = true_order[:MAX_CONFUSION_LABELS]
+        cols = list(true_order)
+    else:
+        col_tot = matrix.sum(axis=0)
+        cols = list(true_order) + sorted((c for c in matrix.columns if c not in set(true_order)),
+                                         key=lambda c: (-int(col_tot[c]), c))
+    shown_cols = [c for c in cols if c in matrix.columns]
+    sub = matrix.reindex(index=true_order, columns=cols, fill_value=0)
+    other = (matrix.loc[true_order].sum(axis=1) - matrix.loc[true_order, shown_cols].sum(axis=1)
+             if len(shown_cols) < len(matrix.columns) else None)
+    header = "".join(f'<th class="pred" title="{escape(c)}">{escape(_clip(c, 24))}</th>' for c in cols)
+    if other is not None:
+        header += '<th class="pred">other</th>'
+    rows = []
+    for t in true_order:
+        total = int(row_tot[t])
+        cells = []
+        values = [(c, int(sub.at[t, c])) for c in cols] + ([("other", int(other[t]))] if other is not None else [])
+        for c, n in values:
+            share = n / total if total else 0.0
+            colour = "46,160,90" if c == t else "192,57,43"
+            style = f' style="background:rgba({colour},{0.08 + 0.8 * share:.2f})"' if n else ""
+            cls = ' class="diag"' if c == t else ""
+            cells.append(f'<td{cls}{style} title="{escape(t)} → {escape(c)}: {n:,} ({share:.0%})">'
+                         f'{n if n else ""}</td>')
+        rows.append(f'<tr><th title="{escape(t)}">{escape(_clip(t, 30))}</th>{"".join(cells)}'
+                    f'<td class="total">{total:,}</td></tr>')
+    table = (f'<table class="confusion"><thead><tr><th>true \\ predicted</th>{header}<th>total</th></tr></thead>'
+             f'<tbody>{"".join(rows)}</tbody></table>')
+    return head + note + table + "\n</section>"
+
+
+def _galleries(preds: pd.DataFrame, counts: pd.Series, dataset_root: Path | None, per_label: int,
+               metrics: pd.DataFrame | None) -> str:
+    head = '<section id="galleries">\n<h2>Galleries per predicted label</h2>\n'
+    if counts.empty:
+        return head + '<p class="note">No predictions.</p>\n</section>'
+    labels = list(counts.index[:MAX_GALLERY_LABELS])
+    note = (f'<p class="note">Showing the {len(labels)} most frequent of {len(counts)} labels.</p>\n'
+            if len(counts) > len(labels) else "")
+    note += (f'<p class="note">For each label, the {per_label} most confident and the {per_label} least confident '
+             f'images{"" if dataset_root else "; the dataset root is unknown, so images show as placeholders"}.</p>\n')
+    wanted = preds[preds["label"].isin(set(labels))]
+    # Sort once by (label, -score, path): each label's rows come out most confident first, ties stable by path.
+    wanted = wanted.sort_values(["label", "score", "path"], ascending=[True, False, True], kind="stable")
+    groups = {label: g for label, g in wanted.groupby("label", sort=False)}
+    per_class = _per_class(metrics)
+    sections = []
+    for label in labels:
+        group = groups.get(label)
+        n = 0 if group is None else len(group)
+        top = group.iloc[:per_label] if n else group
+        rest = group.iloc[per_label:] if n else group
+        low = rest.iloc[::-1].iloc[:per_label] if n else rest  # least confident first
+        stats = per_class.get(str(label), {})
+        extra = "".join(f" · {k} {stats[k]:.2f}" if k != "support" else f" · support {int(stats[k]):,}"
+                        for k in ("precision", "recall", "support") if k in stats)
+        parts = [f'<section class="gallery" data-label="{escape(str(label))}">',
+                 f'<h3>{escape(str(label))} <span class="muted">({n:,} images{escape(extra)})</span></h3>',
+                 '<h4>Most confident</h4>', _thumbs(top, dataset_root, "top")]
+        if len(low):
+            parts += ['<h4>Least confident</h4>', _thumbs(low, dataset_root, "low")]
+        parts.append("</section>")
+        sections.append("\n".join(parts))
+    return head + note + "\n".join(sections) + "\n</section>"
+
+
+def _thumbs(rows: pd.DataFrame, dataset_root: Path | None, kind: str) -> str:
+    figs = []
+    for path, score in zip(rows["path"], rows["score"]):
+        data = _thumbnail(dataset_root / path) if dataset_root is not None else None
+        epath = escape(str(path))
+        if data is not None:
+            img = (f'<img src="data:image/jpeg;base64,{data}" alt="{epath}" title="{epath}" '
+                   f'loading="lazy" decoding="async">')
+        else:
+            img = f'<div class="missing" title="{epath}">image unavailable<br>{epath}</div>'
+        figs.append(f'<figure class="thumb">{img}<figcaption><span class="score">{score:.3f}</span> '
+                    f'{epath}</figcaption></figure>')
+    return f'<div class="thumbs {kind}">{"".join(figs)}</div>'
+
+
+def _thumbnail(path: Path) -> str | None:
+    """A base64 JPEG at most THUMB_SIDE px on its longer side, or None if the file can't be read as an image."""
+    try:
+        rgb = decode(path, max_pixels=THUMB_MAX_PIXELS, draft_size=(THUMB_SIDE, THUMB_SIDE))
+        rgb.thumbnail((THUMB_SIDE, THUMB_SIDE), Image.Resampling.BICUBIC)
+        buf = io.BytesIO()
+        rgb.save(buf, "JPEG", quality=THUMB_QUALITY, optimize=True)
+        return base64.b64encode(buf.getvalue()).decode("ascii")
+    except (ImageError, OSError):  # a broken image becomes a placeholder, never a failed report
+        return None
+
+
+def _errors(errors: pd.DataFrame | None) -> str:
+    head = '<section id="errors">\n<h2>Images that could not be classified</h2>\n'
+    if errors is None:
+        return head + '<p class="note">No errors.parquet in this run.</p>\n</section>'
+    if errors.empty:
+        return head + '<p class="note">None: every image was classified.</p>\n</section>'
+    by_type = errors["error_type"].value_counts()
+    summary = ", ".join(f"{escape(str(t))}: {int(n):,}" for t, n in by_type.items())
+    shown = errors.iloc[:MAX_ERROR_ROWS]
+    note = f'<p class="note">{len(errors):,} errors ({summary}).</p>\n'
+    if len(errors) > len(shown):
+        note += f'<p class="note">Showing the first {len(shown):,} of {len(errors):,} rows.</p>\n'
+    rows = "".join(f'<tr class="error"><td>{escape(str(p))}</td><td>{escape(str(s))}</td><td>{escape(str(t))}</td>'
+                   f'<td>{escape(str(m))}</td></tr>'
+                   for p, s, t, m in _iter_rows(shown, ["path", "stage", "error_type", "message"]))
+    table = (f'<table class="errors"><thead><tr><th>path</th><th>stage</th><th>error type</th><th>message</th></tr>'
+             f'</thead><tbody>{rows}</tbody></table>')
+    return head + note + table + "\n</section>"
+
+
+def _iter_rows(df: pd.DataFrame, columns: list[str]) -> Iterable[tuple]:
+    return zip(*(df[c] if c in df.columns else [""] * len(df) for c in columns))
+
+
+def _clip(text: str, width: int) -> str:
+    text = " ".join(text.split())  # newlines and tabs in a label or path become spaces in a chart
+    return text if len(text) <= width else text[: width - 1] + "…"

@@ -1,0 +1,86 @@
+"""Stage `classify`: image embeddings x label embeddings -> decisions -> predictions.parquet, errors.parquet,
+res.json (and metrics.parquet, confusion.parquet when the truth is known), streamed chunk by chunk in path order.
+
+Each chunk is verified as it is read (one read, no separate pass); a damaged chunk stops this stage with
+`InputCorrupt`, the runner encodes that chunk again, and this stage runs again.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from .. import zeroshot
+from ..engine import Artifact, StageContext, failpoint
+from ..engine.files import read_json, write_json
+from ..outputs.metrics import MetricsAccumulator
+from ..outputs.writers import ErrorsWriter, PredictionsWriter, ResJsonWriter
+from .discover import display_path
+from .encode_images import embedding_matrix, image_count, iter_chunks
+from .encode_labels import read_label_embeddings
+from .truth import read_truth
+
+log = logging.getLogger(__name__)
+
+VERSION = 2
+# Besides this module, the code that decides its output (tests/unit/test_stage_versions.py holds VERSION to it).
+CODE = ("pipeline.zeroshot", "pipeline.outputs.writers", "pipeline.outputs.metrics")
+COUNTS_FILE = "counts.json"
+OUTPUT_FILES = ("predictions.parquet", "errors.parquet", "res.json")
+EVALUATION_FILES = ("metrics.parquet", "confusion.parquet")  # only when ground truth is known
+
+
+def classify(ctx: StageContext, *, truth: Artifact, label_embeddings: Artifact, image_embeddings: Artifact,
+             labels: list[str], topk: int, min_score: float | None, unknown_label: str, metadata: dict) -> None:
+    truths = read_truth(truth)
+    text, scale = read_label_embeddings(label_embeddings)
+    predictions = PredictionsWriter(ctx.out / "predictions.parquet", labels, metadata)
+    errors = ErrorsWriter(ctx.out / "errors.parquet")
+    res_json = ResJsonWriter(ctx.out / "res.json")
+    scores = MetricsAccumulator(labels) if truths else None
+    decide = dict(labels=labels, topk=topk, min_score=min_score, unknown_label=unknown_label)
+    try:
+        chunks = tqdm(iter_chunks(image_embeddings), total=len(image_embeddings.chunks()), unit="chunk",
+                      desc="classify", disable=not ctx.runtime.progress)
+        for chunk in chunks:
+            paths = [display_path(p) for p in chunk.column("path").to_pylist()]
+            ok = chunk.column("ok").to_numpy(zero_copy_only=False)
+            errors.write(_error_rows(chunk, paths, ok))
+            good = np.flatnonzero(ok)
+            if len(good):
+                probs = zeroshot.probabilities(embedding_matrix(chunk)[good], text, scale)
+                decided = zeroshot.decide(probs, **decide)
+                good_paths = [paths[i] for i in good]
+                sizes = np.stack([chunk.column("width").to_numpy()[good], chunk.column("height").to_numpy()[good]], 1)
+                known = [truths.get(p) for p in good_paths]
+                predictions.write(good_paths, decided, probs, sizes, known)
+                res_json.write(good_paths, decided.labels)
+                if scores is not None:
+                    scores.add(known, decided.labels, probs)
+            failpoint("classify.row_group")
+    finally:
+        predictions.close(), errors.close(), res_json.close()
+    counts = {"discovered": image_count(image_embeddings), "classified": predictions.rows, "errors": errors.rows}
+    if scores is not None and scores.total:
+        pq.write_table(scores.metrics_table(), ctx.out / "metrics.parquet")
+        pq.write_table(scores.confusion_table(), ctx.out / "confusion.parquet")
+        counts["metrics"] = scores.headline()
+        if scores.outside_label_set:
+            log.warning("%d images have a true label outside the label set (%s ...); they count as misses",
+                        sum(scores.outside_label_set.values()), ", ".join(list(scores.outside_label_set)[:5]))
+    write_json(ctx.out / COUNTS_FILE, counts)
+
+
+def _error_rows(chunk: pa.Table, paths: list[str], ok: np.ndarray) -> list[tuple]:
+    kinds = chunk.column("error_type").to_pylist()
+    messages = chunk.column("error_message").to_pylist()
+    transient = chunk.column("transient").to_pylist()
+    return [(paths[i], "decode", kinds[i], messages[i], transient[i]) for i in np.flatnonzero(~ok)]
+
+
+def read_counts(artifact: Artifact) -> dict:
+    return read_json(artifact.file(COUNTS_FILE))

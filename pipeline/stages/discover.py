@@ -1,0 +1,70 @@
+"""Stage `discover`: list the dataset's images into an Arrow file of records (see `pipeline.sources`).
+
+A content stage: it runs every time (the folder may have changed) and is fingerprinted by the records it wrote,
+so everything downstream is reused exactly when no image was added, removed or changed (size or mtime).
+The records file is Arrow IPC, uncompressed, read memory-mapped in slices: no process holds the list whole.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Iterator
+
+import pyarrow as pa
+import pyarrow.ipc as ipc
+
+from ..engine import Artifact, StageContext
+from ..sources import RECORDS_SCHEMA
+
+log = logging.getLogger(__name__)
+
+VERSION = 2
+# Besides this module, the code that decides its output (tests/unit/test_stage_versions.py holds VERSION to it).
+CODE = ("pipeline.sources", "pipeline.sources.folder")
+RECORDS_FILE = "records.arrow"
+
+
+def discover(ctx: StageContext, *, extensions: list[str]) -> None:
+    """`extensions` is hashed for the record; the source (built from the same config) applies it."""
+    source = ctx.runtime.source
+    count = 0
+    with ipc.new_file(ctx.out / RECORDS_FILE, RECORDS_SCHEMA) as writer:
+        for batch in source.records():
+            writer.write_batch(batch)
+            count += batch.num_rows
+    log.info("discovered %d images in %s", count, source.describe())
+
+
+class Records:
+    """The records of a discover entry, memory-mapped: `count`, slices, and paths of a slice."""
+
+    def __init__(self, artifact: Artifact | Path) -> None:
+        self.path = artifact.file(RECORDS_FILE) if isinstance(artifact, Artifact) else Path(artifact)
+        self._reader = ipc.open_file(pa.memory_map(str(self.path)))
+        self.count = sum(self._reader.get_batch(i).num_rows for i in range(self._reader.num_record_batches))
+
+    def batches(self) -> Iterator[pa.RecordBatch]:
+        for i in range(self._reader.num_record_batches):
+            yield self._reader.get_batch(i)
+
+    def table(self) -> pa.Table:
+        return self._reader.read_all()
+
+    def slice(self, start: int, stop: int) -> pa.Table:
+        return self.table().slice(start, stop - start)
+
+    def paths(self, start: int = 0, stop: int | None = None) -> list[bytes]:
+        stop = self.count if stop is None else stop
+        return self.slice(start, stop).column("path").to_pylist()
+
+
+def display_path(path: bytes) -> str:
+    """A record's key as shown in outputs: UTF-8, with replacement characters where it is not valid UTF-8."""
+    return path.decode("utf-8", "replace")
+
+
+def os_path(path: bytes) -> str:
+    """A record's key as the OS layer spells it (surrogate escapes for bytes that are not UTF-8)."""
+    return os.fsdecode(path)

@@ -1,0 +1,173 @@
+"""Every command line the README documents runs here, verbatim, as a user would type it, and does what the
+README says.
+
+The commands run in a workspace that looks like a checkout (the project's files, linked) with what the README's
+examples name: `photos` (the sample images), `models/clip-vit-large-patch14` and
+`models/chinese-clip-vit-base-patch16` (the tiny fixture models of those families), `labels.txt` and `cat.jpg`.
+A command added to the README without a check here fails `test_every_readme_command_is_checked`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from pipeline.outputs.writers import read_metadata
+from tests.helpers import ENV, ROOT, SAMPLE_IMAGES, TINY_CHINESE_CLIP, TINY_CLIP
+
+pytestmark = pytest.mark.slow
+README = ROOT / "README.md"
+LABELS = ["cat", "dog", "red fox"]
+# Documented but not run from here, and why.
+NOT_RUN_HERE = {
+    "make test": "it is this test suite",
+}
+
+
+def blocks(language: str) -> list[str]:
+    """The fenced code blocks of the README in `language`."""
+    return re.findall(rf"^```{language}\n(.*?)^```", README.read_text(encoding="utf-8"), flags=re.S | re.M)
+
+
+def readme_commands() -> list[str]:
+    lines = []
+    for block in blocks("sh"):
+        lines += [line for line in block.replace("\\\n", " ").splitlines() if line.strip()]
+    return lines
+
+
+def _without_comment(command: str) -> str:
+    return re.sub(r"\s+#\s.*$", "", command).strip()
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    ws = tmp_path_factory.mktemp("checkout")
+    for entry in ROOT.iterdir():
+        if entry.name not in ("outputs", ".git"):
+            (ws / entry.name).symlink_to(entry)
+    shutil.copytree(SAMPLE_IMAGES, ws / "photos")
+    (ws / "models").mkdir()
+    shutil.copytree(TINY_CLIP, ws / "models" / "clip-vit-large-patch14")
+    shutil.copytree(TINY_CHINESE_CLIP, ws / "models" / "chinese-clip-vit-base-patch16")
+    (ws / "labels.txt").write_text("\n".join(LABELS) + "\n", encoding="utf-8")
+    shutil.copy(sorted(SAMPLE_IMAGES.glob("*.jpg"))[0], ws / "cat.jpg")
+    return ws
+
+
+def _shell(ws: Path, command: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", "-c", command], cwd=ws, env=ENV, capture_output=True, text=True, timeout=600)
+
+
+def _newest_run(ws: Path) -> Path:
+    return max((p.parent for p in (ws / "outputs" / "runs").glob("*/*/res.json")), key=lambda p: p.stat().st_mtime)
+
+
+def _res(run_dir: Path) -> dict:
+    return json.loads((run_dir / "res.json").read_text(encoding="utf-8"))
+
+
+def _all_labelled(run_dir: Path, labels) -> None:
+    res = _res(run_dir)
+    assert len(res) == 38 and set(res.values()) <= set(labels), res
+
+
+def _distribution(proc, labels) -> list[str]:
+    shown = re.findall(r"^ +\d\.\d{4}  (.+)$", proc.stdout, flags=re.M)
+    assert sorted(shown) == sorted(labels), proc.stdout
+    return shown
+
+
+def _no_cuda(proc) -> None:
+    if torch.cuda.is_available():
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    else:
+        assert proc.returncode == 2 and "torch sees no CUDA device" in proc.stdout + proc.stderr
+
+
+def _check(command: str, proc, ws: Path) -> None:
+    log = proc.stdout + proc.stderr
+    if "--device cuda" in command or "DEVICE=cuda" in command:
+        return _no_cuda(proc)
+    assert proc.returncode == 0, log[-3000:]
+    if command.startswith("make demo"):
+        run_dir = _newest_run(ws)
+        assert len(_res(run_dir)) == 38 and (run_dir / "metrics.parquet").exists() and "top-1" in log
+    elif "IMAGE=cat.jpg" in command or "--input_image cat.jpg" in command:
+        _distribution(proc, ["cat", "dog"])
+    elif "OUT=results " in command:
+        preds = pd.read_parquet(ws / "results" / "predictions.parquet")
+        assert len(preds) == 38 and preds["topk_labels"].map(len).eq(2).all() and (ws / "cache").is_dir()
+    elif command.startswith("make report RUN=results"):
+        assert (ws / "results" / "report.html").stat().st_mtime >= (ws / "results" / "res.json").stat().st_mtime
+        assert "report.html" in proc.stdout
+    elif "LABELS=labels.txt" in command and "make classify" in command:
+        run_dir = _newest_run(ws)
+        _all_labelled(run_dir, LABELS)
+        meta = read_metadata(run_dir / "predictions.parquet")
+        assert meta["model"]["name"] == "chinese-clip-vit-base-patch16" and meta["template"] == "一张_的照片。"
+    elif "--results_save_path results-vendor" in command:
+        _all_labelled(ws / "results-vendor", LABELS)
+        assert read_metadata(ws / "results-vendor" / "predictions.parquet")["template"] == "a photo of a _."
+    elif " -m dataset=sample" in command:
+        sweep = max((ws / "outputs" / "multirun").glob("*/*"), key=lambda p: p.stat().st_mtime)
+        summary = pd.read_parquet(sweep / "summary.parquet")
+        assert set(summary["label_set"]) == {"shapes", "colors", "pairs"}
+        assert "encode_images   reused" in (sweep / "2" / "classify.log").read_text()
+    elif command.startswith("make precision"):
+        assert "verdict               PASS" in proc.stdout
+    elif "NPROC=2" in command:
+        _all_labelled(ws / "results-2ranks", ["cat", "dog"])
+        assert "shard 1/2 done" in log
+    elif "hydra/launcher=local_parallel" in command:
+        sweep = max((ws / "outputs" / "multirun").glob("*/*"), key=lambda p: p.stat().st_mtime)
+        logs = [(sweep / str(i) / "classify.log").read_text() for i in (0, 1)]
+        assert "shard 0/2 done" in logs[0] and "shard 1/2 done" in logs[1]
+    elif "cache_dir=cache" in command:  # the merge of the two shards above
+        # every chunk was encoded by the shards (or by an earlier run into this cache): nothing is encoded again
+        assert re.search(r"stage encode_images +(reused|resumed)", log)
+        assert not re.search(r"encoded [1-9]\d* images", log)
+        _all_labelled(_newest_run(ws), LABELS)
+    elif 'LABEL_LIST="cat,dog,red fox"' in command:
+        _all_labelled(_newest_run(ws), LABELS)
+    else:
+        raise AssertionError(f"no check for README command: {command}")
+
+
+def test_every_readme_command_is_checked(workspace):
+    """Runs the README's commands in order (later ones use what earlier ones wrote) and checks each."""
+    ran = []
+    for command in readme_commands():
+        if _without_comment(command) in NOT_RUN_HERE:
+            continue
+        proc = _shell(workspace, command)
+        _check(command, proc, workspace)
+        ran.append(command)
+    assert len(ran) == len(readme_commands()) - len(NOT_RUN_HERE) >= 15
+
+
+def test_readme_python_snippets(workspace):
+    for block in blocks("python"):
+        proc = subprocess.run([str(ROOT / ".venv" / "bin" / "python"), "-c", block], cwd=workspace, env=ENV,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        assert "label" in proc.stdout and "count_star()" in proc.stdout
+
+
+def test_slurm_template_composes():
+    """The SLURM commands cannot run here; their launcher config and overrides compose."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    from pipeline.config import compose
+
+    cfg = compose(["hydra/launcher=slurm", "shard.index=3", "shard.count=256", "dataset.path=/data/images",
+                   "model.path=/models/clip-vit-large-patch14", "labels=imagenet1k", "cache_dir=/shared/cache",
+                   "device=cuda"], return_hydra_config=True)
+    assert cfg.hydra.launcher.array_parallelism == 256 and len(cfg.labels.list) == 1000
+    assert "torchrun --nnodes 4" in blocks("text")[0]
