@@ -69,13 +69,22 @@ class LabelsConfig:
 
 @dataclass
 class DatasetConfig:
-    path: Optional[str] = _key(CONTENT)  # a folder, searched recursively
+    # A folder (searched recursively), a manifest (.csv .tsv .parquet .jsonl), tar shards (.tar, a folder of them, a
+    # brace pattern) or a bucket prefix (s3://, gs://); local or a URL. See pipeline/sources/.
+    path: Optional[str] = _key(CONTENT)
     image: Optional[str] = _key(CONTENT)  # or one image: its label distribution is printed
+    format: str = _key(RESULT, "auto")  # auto | folder | manifest | tar | bucket: what dataset.path is
     extensions: List[str] = _key(RESULT, factory=lambda: [e.lstrip(".") for e in DEFAULT_EXTENSIONS])
-    # null/auto: folder-per-class when every top folder is a label; "folders"; or a CSV/parquet file with columns
-    # path,<truth_column>
+    path_column: str = _key(RESULT, "path")  # a manifest's column of image paths
+    # null/auto: the source's own (a manifest's truth_column), else folder-per-class when every top folder is a
+    # label; "folders"; or a CSV/parquet file with columns path,<truth_column>
     truth: Optional[str] = _key(CONTENT)
     truth_column: str = _key(RESULT, "label")
+    truth_member: Optional[str] = _key(RESULT)  # tar shards: cls, txt or json.<field> holds each image's truth
+    # fsspec options for remote sources (endpoint, credentials, anon=true...); the environment's are the default.
+    storage_options: Any = _key(RUNTIME)
+    retries: int = _key(RUNTIME, 3)  # remote reads: attempts after the first, with backoff (0.5 s, 1 s, 2 s ...)
+    io_timeout: float = _key(RUNTIME, 60.0)  # remote reads: seconds per request
 
 
 @dataclass

@@ -24,7 +24,8 @@ from .errors import UserError
 from .labels import LabelSet, build_label_set, check_language
 from .models import LoadedModel, ModelProvider, inspect_model_dir, spec_of
 from .outputs.writers import read_metadata
-from .sources.folder import FolderSource, normalise_extensions
+from .sources import Source, open_source
+from .sources.folder import normalise_extensions
 from .stages import classify, discover, encode_images, encode_labels, publish, report, truth
 from .stages.runtime import Runtime
 
@@ -167,16 +168,20 @@ def _stages(cfg: DictConfig, runtime: Runtime, label_set: LabelSet, model_name: 
                 "config": {"dtype": dtype, "topk": cfg.classify.topk, "preprocess": spec,
                            "draft": cfg.preprocess.draft}}
     extensions = sorted(e.lstrip(".") for e in normalise_extensions(cfg.dataset.extensions))
+    source = runtime.source
+    image_params = {"model": model_fp, "dtype": dtype, "preprocess": spec, "draft": cfg.preprocess.draft,
+                    "max_pixels": cfg.preprocess.max_pixels}
+    if source.kind == "shards":  # the truth travels with the images in a tar shard
+        image_params["truth_member"] = cfg.dataset.truth_member
     stages = [
-        Stage("discover", discover.discover, params={"extensions": extensions}, version=discover.VERSION,
-              kind=CONTENT),
+        Stage("discover", discover.discover, version=discover.VERSION, kind=CONTENT,
+              params={"extensions": extensions, "format": source.format,
+                      "path_column": cfg.dataset.path_column}),
         Stage("encode_labels", encode_labels.encode_labels, version=encode_labels.VERSION, kind=CACHED,
               params={"model": model_fp, "dtype": dtype, "texts": list(label_set.texts),
                       "templates": list(label_set.templates)}),
         Stage("encode_images", encode_images.encode_images, inputs={"records": "discover"},
-              version=encode_images.VERSION, kind=CACHED,
-              params={"model": model_fp, "dtype": dtype, "preprocess": spec, "draft": cfg.preprocess.draft,
-                      "max_pixels": cfg.preprocess.max_pixels}),
+              version=encode_images.VERSION, kind=CACHED, params=image_params),
         Stage("truth", truth.load_truth, inputs={"records": "discover"}, version=truth.VERSION, kind=CONTENT,
               params={"mode": truth_mode, "column": cfg.dataset.truth_column, "labels": labels}),
         Stage("classify", classify.classify, version=classify.VERSION, kind=CACHED,
@@ -187,7 +192,7 @@ def _stages(cfg: DictConfig, runtime: Runtime, label_set: LabelSet, model_name: 
               version=publish.VERSION, kind=SINK),
     ]
     if cfg.report:
-        root = runtime.source.root if isinstance(runtime.source, FolderSource) else None
+        root = getattr(runtime.source, "root", None)
         stages.append(Stage("report", report.report, inputs={"published": "publish"}, version=report.VERSION,
                             params={"out_dir": str(out_dir), "dataset_root": str(root) if root else None},
                             kind=SINK))
@@ -214,18 +219,22 @@ def _check_writable(directory: Path, what: str) -> None:
                         "folder") from None
 
 
-def _source(cfg: DictConfig) -> FolderSource:
-    path, image = cfg.dataset.path, cfg.dataset.image
+def _source(cfg: DictConfig) -> Source:
+    data = cfg.dataset
+    path, image = data.path, data.image
     if path and image:
-        raise UserError("both dataset.path and dataset.image are set; give a folder (DATASET=) or one image (IMAGE=)")
+        raise UserError("both dataset.path and dataset.image are set; give a dataset (DATASET=) or one image (IMAGE=)")
     if not path and not image:
         raise UserError("no input: set dataset.path (DATASET=dir, --dataset_path) or dataset.image (IMAGE=file, "
                         "--input_image)")
     if image and not Path(image).is_file():
         raise UserError(f"image not found: '{image}' (dataset.image / IMAGE=file)")
-    if path and not Path(path).is_dir():
-        raise UserError(f"dataset folder not found: '{path}' (dataset.path / DATASET=dir)")
-    return FolderSource(image or path, cfg.dataset.extensions)
+    if path and "://" not in path and "{" not in path and not Path(path).exists():
+        raise UserError(f"dataset not found: '{path}' (dataset.path / DATASET=): give a folder, a manifest, tar "
+                        "shards or a bucket URL")
+    return open_source(str(image or path), image=bool(image), format=data.format, extensions=list(data.extensions),
+                       path_column=data.path_column, truth_column=data.truth_column, truth_member=data.truth_member,
+                       storage_options=_plain(data.storage_options), retries=data.retries, timeout=data.io_timeout)
 
 
 def run(cfg: DictConfig, preloaded: LoadedModel | None = None) -> RunSummary:

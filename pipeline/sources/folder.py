@@ -40,6 +40,9 @@ def normalise_extensions(extensions: Iterable[str]) -> frozenset[str]:
 class FolderSource:
     """`location` is a directory, or one image file (then the directory is its parent and the key its name)."""
 
+    kind = "images"
+    format = "folder"
+
     def __init__(self, location: str | os.PathLike, extensions: Iterable[str] = DEFAULT_EXTENSIONS) -> None:
         location = Path(location)
         if not location.exists():
@@ -60,6 +63,9 @@ class FolderSource:
 
     def read(self, path: bytes) -> bytes:
         return read_file(os.path.join(os.fsencode(self.root), path))
+
+    def truth(self) -> None:
+        return None
 
     def _walk(self) -> Iterator[tuple[bytes, int, str]]:
         seen_dirs: set[tuple[int, int]] = set()

@@ -26,7 +26,7 @@ from .truth import read_truth
 
 log = logging.getLogger(__name__)
 
-VERSION = 2
+VERSION = 3
 # Besides this module, the code that decides its output (tests/unit/test_stage_versions.py holds VERSION to it).
 CODE = ("pipeline.zeroshot", "pipeline.outputs.writers", "pipeline.outputs.metrics")
 COUNTS_FILE = "counts.json"
@@ -41,7 +41,7 @@ def classify(ctx: StageContext, *, truth: Artifact, label_embeddings: Artifact, 
     predictions = PredictionsWriter(ctx.out / "predictions.parquet", labels, metadata)
     errors = ErrorsWriter(ctx.out / "errors.parquet")
     res_json = ResJsonWriter(ctx.out / "res.json")
-    scores = MetricsAccumulator(labels) if truths else None
+    scores = MetricsAccumulator(labels)
     decide = dict(labels=labels, topk=topk, min_score=min_score, unknown_label=unknown_label)
     try:
         chunks = tqdm(iter_chunks(image_embeddings), total=len(image_embeddings.chunks()), unit="chunk",
@@ -56,16 +56,16 @@ def classify(ctx: StageContext, *, truth: Artifact, label_embeddings: Artifact, 
                 decided = zeroshot.decide(probs, **decide)
                 good_paths = [paths[i] for i in good]
                 sizes = np.stack([chunk.column("width").to_numpy()[good], chunk.column("height").to_numpy()[good]], 1)
-                known = [truths.get(p) for p in good_paths]
+                carried = chunk.column("truth").to_pylist()  # truth read with the image (tar shards)
+                known = [truths.get(p) or carried[i] for p, i in zip(good_paths, good)]
                 predictions.write(good_paths, decided, probs, sizes, known)
                 res_json.write(good_paths, decided.labels)
-                if scores is not None:
-                    scores.add(known, decided.labels, probs)
+                scores.add(known, decided.labels, probs)
             failpoint("classify.row_group")
     finally:
         predictions.close(), errors.close(), res_json.close()
     counts = {"discovered": image_count(image_embeddings), "classified": predictions.rows, "errors": errors.rows}
-    if scores is not None and scores.total:
+    if scores.total:
         pq.write_table(scores.metrics_table(), ctx.out / "metrics.parquet")
         pq.write_table(scores.confusion_table(), ctx.out / "confusion.parquet")
         counts["metrics"] = scores.headline()

@@ -20,14 +20,15 @@ from ..sources import RECORDS_SCHEMA
 
 log = logging.getLogger(__name__)
 
-VERSION = 2
+VERSION = 3
 # Besides this module, the code that decides its output (tests/unit/test_stage_versions.py holds VERSION to it).
-CODE = ("pipeline.sources", "pipeline.sources.folder")
+CODE = ("pipeline.sources", "pipeline.sources.folder", "pipeline.sources.manifest", "pipeline.sources.tars",
+        "pipeline.sources.bucket", "pipeline.sources.remote")
 RECORDS_FILE = "records.arrow"
 
 
-def discover(ctx: StageContext, *, extensions: list[str]) -> None:
-    """`extensions` is hashed for the record; the source (built from the same config) applies it."""
+def discover(ctx: StageContext, *, extensions: list[str], format: str, path_column: str) -> None:
+    """The params are hashed for the record; the source (built from the same config) applies them."""
     source = ctx.runtime.source
     count = 0
     with ipc.new_file(ctx.out / RECORDS_FILE, RECORDS_SCHEMA) as writer:

@@ -1,13 +1,15 @@
 """Stage `encode_images`: decode + preprocess in worker processes, run the vision tower in batches, and keep
 the embeddings in checksummed chunks of the stage's chunk pool.
 
-Chunks. The records are cut into chunks of about `encode.chunk_size` images with content-defined boundaries
-(a chunk ends after an image whose path hashes to a boundary, within half to twice the size), so adding or
-removing images changes only the chunks around them. A chunk's key is the hash of the stage's identity (model
-content, dtype, preprocessing, this module's VERSION) and of its records (path, size, version): any process
-that needs the same chunk finds it by key, whether it was written before a kill, by another shard, or by a run
-over a folder where other files changed. Batches never straddle chunks, so a chunk holds exactly the batches an
-uninterrupted run would have made (CPU fp32 results stay bit-identical).
+Chunks. For sources with a record per image (folder, manifest, bucket) the records are cut into chunks of about
+`encode.chunk_size` images at content-defined boundaries (a chunk ends after an image whose path hashes to a
+boundary, within half to twice the size), so adding or removing images changes only the chunks around them. For
+tar shards, each shard is read whole by one worker and its images fill chunks of `encode.chunk_size` in stored
+order (an index chunk records how many once the shard is read to its end). A chunk's key is the hash of the
+stage's identity (model content, dtype, preprocessing, this module's VERSION) and of its records (path, size,
+version): any process that needs the same chunk finds it by key, whether it was written before a kill, by
+another shard, or by a run over a dataset where other images changed. Batches never straddle chunks, so a chunk
+holds exactly the batches an uninterrupted run would have made (CPU fp32 results stay bit-identical).
 
 Failures. An image that cannot be read or decoded becomes a row with its error, never an exception. A failure in
 the image's bytes is final; one outside them (I/O error, permission denied, timeout) makes its chunk provisional,
@@ -17,12 +19,14 @@ and the stage `Incomplete`: the next run encodes that chunk again.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import signal
 import threading
 import time
 import zlib
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -30,7 +34,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from ..engine import Artifact, ChunkFile, ChunkPool, Incomplete, StageContext, write_chunk_list
@@ -42,18 +46,23 @@ from .runtime import Runtime
 
 log = logging.getLogger(__name__)
 
-VERSION = 2
+VERSION = 3
 # Besides this module, the code that decides its output (tests/unit/test_stage_versions.py holds VERSION to it).
-CODE = ("pipeline.imaging", "pipeline.models", "pipeline.sources.folder", "pipeline.errors")
+CODE = ("pipeline.imaging", "pipeline.models", "pipeline.sources.folder", "pipeline.sources.tars",
+        "pipeline.sources.remote", "pipeline.errors")
 
 
 def chunk_schema(dim: int) -> pa.Schema:
     return pa.schema([("path", pa.binary()), ("ok", pa.bool_()), ("width", pa.int32()), ("height", pa.int32()),
                       ("error_type", pa.string()), ("error_message", pa.string()), ("transient", pa.bool_()),
-                      ("embedding", pa.list_(pa.float32(), dim))])
+                      ("truth", pa.string()), ("embedding", pa.list_(pa.float32(), dim))])
 
 
-# ------------------------------------------------------------------------------------------------ chunking
+# A decoded (or failed) image on its way from a worker: key, width, height, error type, message, transient, truth.
+Row = tuple[bytes, int, int, "str | None", "str | None", bool, "str | None"]
+
+
+# ------------------------------------------------------------------------------------------------ planning
 
 @dataclass(frozen=True)
 class ChunkSpan:
@@ -70,10 +79,8 @@ def plan_chunks(records: Records, mean_size: int, identity: str) -> list[ChunkSp
     start = row = 0
     digest = hashlib.sha256(identity.encode())
     for batch in records.batches():
-        columns = (batch.column("path").to_pylist(), batch.column("size").to_pylist(),
-                   batch.column("version").to_pylist())
-        for path, size, version in zip(*columns):
-            digest.update(b"%d:%s%d:%s;" % (len(path), path, size, version.encode()))
+        for path, size, version in zip(*(batch.column(c).to_pylist() for c in ("path", "size", "version"))):
+            digest.update(_record_bytes(path, size, version))
             row += 1
             length = row - start
             if length >= max_size or (length >= min_size and zlib.crc32(path) % modulus == 0):
@@ -84,20 +91,57 @@ def plan_chunks(records: Records, mean_size: int, identity: str) -> list[ChunkSp
     return spans
 
 
+def _record_bytes(path: bytes, size: int, version: str) -> bytes:
+    return b"%d:%s%d:%s;" % (len(path), path, size, version.encode())
+
+
 def shard_of(ordinal: int, count: int) -> int:
-    """The shard that encodes the chunk at position `ordinal` of the plan."""
+    """The process (of `count`) that encodes group `ordinal`: a chunk of the plan, or a tar shard."""
     return ordinal % count
+
+
+@dataclass
+class Plan:
+    """What to encode: groups (a content-defined chunk, or a tar shard) and the chunks each is made of."""
+
+    kind: str  # "images" or "shards"
+    identity: str
+    records: Records
+    spans: list[ChunkSpan] = field(default_factory=list)  # kind images: one group per span
+    shards: list[tuple[bytes, int, str]] = field(default_factory=list)  # kind shards: one group per record
+
+    @property
+    def groups(self) -> int:
+        return len(self.spans) if self.kind == "images" else len(self.shards)
+
+    def chunk_key(self, group: int, sub: int) -> str:
+        if self.kind == "images":
+            return self.spans[group].key
+        return hashlib.sha256(self.identity.encode() + _record_bytes(*self.shards[group]) + b"%d" % sub).hexdigest()
+
+    def index_key(self, group: int) -> str:
+        return hashlib.sha256(self.identity.encode() + _record_bytes(*self.shards[group]) + b"index").hexdigest()
+
+
+def make_plan(records: Records, kind: str, chunk_size: int, identity: str) -> Plan:
+    if kind == "images":
+        return Plan(kind, identity, records, spans=plan_chunks(records, chunk_size, identity))
+    table = records.table()
+    shards = list(zip(*(table.column(c).to_pylist() for c in ("path", "size", "version"))))
+    return Plan(kind, identity, records, shards=shards)
 
 
 # ------------------------------------------------------------------------------------------ the stage
 
 def encode_images(ctx: StageContext, *, records: Artifact, model: str, dtype: str, preprocess: dict,
-                  draft: bool, max_pixels: int) -> Incomplete | None:
-    params = dict(model=model, dtype=dtype, preprocess=preprocess, draft=draft, max_pixels=max_pixels)
+                  draft: bool, max_pixels: int, truth_member: str | None = None) -> Incomplete | None:
+    params = dict(model=model, dtype=dtype, preprocess=preprocess, draft=draft, max_pixels=max_pixels,
+                  truth_member=truth_member)
     table = Records(records)
-    spans, chunks, _ = fill_chunks(ctx, table, params)
-    listed = [chunks[span.key] for span in spans]
-    write_chunk_list(ctx.out, listed, count=table.count)
+    listed, count = fill_chunks(ctx, table, params)[0], 0
+    for chunk in listed:
+        count += chunk_rows(ChunkPool(ctx.pool), chunk)
+    write_chunk_list(ctx.out, listed, count=count)
     retry = [c for c in listed if not c.final]
     if retry:
         return Incomplete(f"{len(retry)} chunk(s) hold images that failed for reasons outside their bytes")
@@ -105,35 +149,77 @@ def encode_images(ctx: StageContext, *, records: Artifact, model: str, dtype: st
 
 
 def encode_shard(ctx: StageContext, *, records: Artifact, shard: int, shards: int, **params) -> int:
-    """Encode only the chunks of shard `shard` of `shards` into the stage's pool; the stage itself, run later by
+    """Encode only the groups of shard `shard` of `shards` into the stage's pool; the stage itself, run later by
     one process, finds them there. Returns the number of chunks this call encoded."""
-    return fill_chunks(ctx, Records(records), params, shard, shards)[2]
+    return fill_chunks(ctx, Records(records), params, shard, shards)[1]
 
 
 def fill_chunks(ctx: StageContext, records: Records, params: dict, shard: int = 0,
-                shards: int = 1) -> tuple[list[ChunkSpan], dict[str, ChunkFile], int]:
-    """Encode the chunks of this shard that the pool lacks (or holds only provisionally); returns the plan,
-    every chunk of the pool by key, and how many chunks this call encoded."""
+                shards: int = 1) -> tuple[list[ChunkFile], int]:
+    """Encode the chunks of this shard that the pool lacks (or holds only provisionally); returns every chunk
+    of the plan that exists afterwards, in order, and how many chunks this call encoded."""
     runtime: Runtime = ctx.runtime
     pool = ChunkPool(ctx.pool)
-    spans = plan_chunks(records, runtime.chunk_size, ctx.key)
-    chunks = pool.scan()
-    mine = [span for k, span in enumerate(spans) if shard_of(k, shards) == shard]
-    pending = [span for span in mine if span.key not in chunks or not chunks[span.key].final]
+    plan = make_plan(records, runtime.source.kind, runtime.chunk_size, ctx.key)
+    found = pool.scan()
+    mine = [g for g in range(plan.groups) if shard_of(g, shards) == shard]
+    pending = {g: first for g in mine if (first := _first_pending(plan, g, found, pool)) is not None}
     done = len(mine) - len(pending)
     if done:
         ctx.resumed = True
         who = f"shard {shard}/{shards}" if shards > 1 else "image encoding"
-        log.info("resuming %s: %d of %d chunks already done", who, done, len(mine))
+        unit = "chunks" if plan.kind == "images" else "tar shards"
+        log.info("resuming %s: %d of %d %s already done", who, done, len(mine), unit)
     counters = runtime.counters
-    counters["chunks_reused"] = counters.get("chunks_reused", 0) + done
+    written: dict[str, ChunkFile] = {}
+    images = 0
     if pending:
-        chunks.update(_encode(records, pending, pool, runtime, params))
-    counters["chunks_encoded"] = counters.get("chunks_encoded", 0) + len(pending)
-    images = sum(s.stop - s.start for s in pending)
-    counters["images_encoded"] = counters.get("images_encoded", 0) + images
-    log.info("encoded %d images in %d chunks; %d chunks reused", images, len(pending), done)
-    return spans, chunks, len(pending)
+        written, images = _encode(plan, pending, pool, runtime, params)
+        found.update(written)
+    encoded = len(written) - len(_index_keys(plan, pending) & set(written))
+    log.info("encoded %d images in %d chunks; %d %s reused", images, encoded, done,
+             "chunks" if plan.kind == "images" else "tar shards")
+    for key, value in (("chunks_encoded", encoded), ("chunks_reused", done), ("images_encoded", images)):
+        counters[key] = counters.get(key, 0) + value
+    return _listing(plan, found, pool), encoded
+
+
+def _first_pending(plan: Plan, group: int, found: dict[str, ChunkFile], pool: ChunkPool) -> int | None:
+    """None when the group is done; else the first chunk of it to encode (0, or later in a shard read before)."""
+    if plan.kind == "images":
+        chunk = found.get(plan.chunk_key(group, 0))
+        return None if chunk is not None and chunk.final else 0
+    count = _shard_chunk_count(plan, group, found, pool)
+    sub = 0
+    while (chunk := found.get(plan.chunk_key(group, sub))) is not None and chunk.final:
+        sub += 1
+    return None if count is not None and sub >= count else sub
+
+
+def _shard_chunk_count(plan: Plan, group: int, found: dict[str, ChunkFile], pool: ChunkPool) -> int | None:
+    """How many chunks a tar shard makes, once it has been read to its end; None before."""
+    index = found.get(plan.index_key(group))
+    return None if index is None else json.loads(pool.read(index))["chunks"]
+
+
+def _listing(plan: Plan, found: dict[str, ChunkFile], pool: ChunkPool) -> list[ChunkFile]:
+    if plan.kind == "images":
+        return [found[span.key] for span in plan.spans if span.key in found]
+    listed = []
+    for group in range(plan.groups):
+        count = _shard_chunk_count(plan, group, found, pool)
+        sub = 0
+        while (count is None or sub < count) and (chunk := found.get(plan.chunk_key(group, sub))) is not None:
+            listed.append(chunk)
+            sub += 1
+    return listed
+
+
+def chunk_rows(pool: ChunkPool, chunk: ChunkFile) -> int:
+    """Rows of a chunk, from its footer (no full read)."""
+    with pa.memory_map(str(pool.path(chunk))) as source:
+        reader = ipc.open_file(source)
+        return sum(reader.get_batch(i).num_rows for i in range(reader.num_record_batches))
 
 
 # ----------------------------------------------------------------------------------- decoding in workers
@@ -146,120 +232,212 @@ def _on_alarm(signum, frame):
     raise DecodeTimeout()
 
 
-class ImageReader(Dataset):
-    """Read + decode + preprocess record `i` in a worker; a bad image yields an error row, never an exception.
+@contextmanager
+def _deadline(seconds: float):
+    """At most `seconds` for the block (SIGALRM; only where signals can be delivered: a process's main
+    thread): a read that blocks or a decoder that spins raises DecodeTimeout instead of hanging the run."""
+    armed = seconds > 0 and threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGALRM, _on_alarm) if armed else None
+    try:
+        if armed:
+            signal.setitimer(signal.ITIMER_REAL, seconds)
+        yield
+    finally:
+        if armed:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
 
-    Each image gets `timeout` seconds (SIGALRM in the worker): an image whose read blocks or whose decoder spins
-    is reported as DecodeTimeout (transient) instead of hanging the run. The records file is memory-mapped in
-    each worker on first use: no worker holds the list of paths."""
 
-    def __init__(self, records_file: Path, runtime: Runtime, spec: PreprocessSpec, draft: bool,
-                 max_pixels: int) -> None:
-        self.records_file, self.source, self.spec = records_file, runtime.source, spec
+# What a worker sends: group, chunk number in the group, batch number in the chunk, part number and parts in the
+# batch, whether the batch closes the chunk, the group's chunk count when the item ends the group (-1: the
+# group ended early for a reason worth retrying; None: not the end), the rows and their pixels.
+Item = tuple[int, int, int, int, int, bool, "int | None", list, "torch.Tensor | None"]
+
+
+class Decoder(IterableDataset):
+    """The decode work of this run, split between DataLoader workers (worker w of n takes tasks w, w+n, ...):
+    parts of batches for per-image sources, whole tar shards for shard sources. Memory-maps the records; no worker
+    holds the list of paths."""
+
+    def __init__(self, plan: Plan, pending: dict[int, int], runtime: Runtime, spec: PreprocessSpec, draft: bool,
+                 max_pixels: int, workers: int) -> None:
+        self.plan, self.pending, self.source, self.spec = plan, pending, runtime.source, spec
         self.draft, self.max_pixels, self.timeout = draft, max_pixels, runtime.timeout
-        self._paths = None
+        self.batch_size, self.chunk_size, self.workers = runtime.batch_size, runtime.chunk_size, max(1, workers)
 
-    def __len__(self) -> int:
-        return Records(self.records_file).count
+    def __iter__(self) -> Iterator[Item]:
+        info = get_worker_info()
+        me, every = (info.id, info.num_workers) if info is not None else (0, 1)
+        tasks = self._image_tasks() if self.plan.kind == "images" else self._shard_tasks()
+        for number, task in enumerate(tasks):
+            if number % every == me:
+                yield from task()
 
-    def path(self, index: int) -> bytes:
-        if self._paths is None:
-            self._paths = Records(self.records_file).table().column("path")
-        return self._paths[index].as_py()
+    # per-image sources ---------------------------------------------------------------------------------------
 
-    def __getitem__(self, index: int) -> tuple:
-        armed = self.timeout > 0 and threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGALRM, _on_alarm) if armed else None
+    def _image_tasks(self):
+        # A batch is split into one part per worker: it is ready as soon as all workers together have decoded it,
+        # and one large image delays only its part.
+        part = max(1, -(-self.batch_size // self.workers))
+        for group in sorted(self.pending):
+            span = self.plan.spans[group]
+            starts = range(span.start, span.stop, self.batch_size)
+            for batch_no, start in enumerate(starts):
+                stop = min(start + self.batch_size, span.stop)
+                pieces = range(start, stop, part)
+                for part_no, first in enumerate(pieces):
+                    closes = batch_no == len(starts) - 1
+                    yield lambda g=group, b=batch_no, p=part_no, n=len(pieces), c=closes, lo=first, \
+                        hi=min(first + part, stop): [self._part(g, b, p, n, c, lo, hi)]
+
+    def _part(self, group, batch_no, part_no, parts, closes, start, stop) -> Item:
+        paths = self.plan.records.paths(start, stop)
+        rows, pixels = [], []
+        for path in paths:
+            row, px = self._decode_one(path, lambda p=path: self.source.read(p), None)
+            rows.append(row)
+            if px is not None:
+                pixels.append(px)
+        return group, 0, batch_no, part_no, parts, closes, None, rows, _stack(pixels)
+
+    # tar shards ----------------------------------------------------------------------------------------------
+
+    def _shard_tasks(self):
+        for group in sorted(self.pending):
+            yield lambda g=group: self._shard(g, self.pending[g])
+
+    def _shard(self, group: int, first_chunk: int) -> Iterator[Item]:
+        name = self.plan.shards[group][0]
+        skip, seen = first_chunk * self.chunk_size, 0
+        sub, batch_no, in_chunk, rows, pixels = first_chunk, 0, 0, [], []
+        failure = None
+        members = iter(self.source.members(name))
+        while True:
+            try:
+                with _deadline(self.timeout):
+                    member = next(members, None)
+            except ImageError as exc:
+                failure = exc
+            except DecodeTimeout:
+                failure = ImageError("DecodeTimeout", f"reading shard took over {self.timeout:g}s", transient=True)
+            if failure is not None or member is None:
+                break
+            seen += 1
+            if seen <= skip:  # in a chunk finished by an earlier run: read past it, do not decode it
+                continue
+            key = name + b"/" + member.name.encode("utf-8", "surrogateescape")
+            row, px = self._decode_one(key, lambda m=member: m.data, member.truth)
+            rows.append(row)
+            if px is not None:
+                pixels.append(px)
+            in_chunk += 1
+            if len(rows) == self.batch_size or in_chunk == self.chunk_size:
+                closes = in_chunk == self.chunk_size
+                yield group, sub, batch_no, 0, 1, closes, None, rows, _stack(pixels)
+                rows, pixels, batch_no = [], [], batch_no + 1
+                if closes:
+                    sub, batch_no, in_chunk = sub + 1, 0, 0
+        if failure is not None:  # the shard's own row: what came after the fault is unknown
+            rows.append((name, -1, -1, failure.kind, str(failure), failure.transient, None))
+        if rows or in_chunk:
+            yield group, sub, batch_no, 0, 1, True, None, rows, _stack(pixels)
+            sub += 1
+        chunks = -1 if failure is not None and failure.transient else sub
+        yield group, sub, 0, 0, 1, False, chunks, [], None
+
+    # one image ----------------------------------------------------------------------------------------------
+
+    def _decode_one(self, key: bytes, read, truth: str | None) -> tuple[Row, np.ndarray | None]:
         try:
-            if armed:
-                signal.setitimer(signal.ITIMER_REAL, self.timeout)
-            data = self.source.read(self.path(index))
-            pixels, (width, height) = load_and_preprocess(data, self.spec, draft=self.draft,
-                                                          max_pixels=self.max_pixels)
-            return index, pixels, width, height, None, None, False
+            with _deadline(self.timeout):
+                pixels, (width, height) = load_and_preprocess(read(), self.spec, draft=self.draft,
+                                                              max_pixels=self.max_pixels)
+            return (key, width, height, None, None, False, truth), pixels
         except ImageError as exc:
-            return index, None, -1, -1, exc.kind, str(exc), exc.transient
+            return (key, -1, -1, exc.kind, str(exc), exc.transient, truth), None
         except DecodeTimeout:
-            return (index, None, -1, -1, "DecodeTimeout",
-                    f"reading and decoding took over {self.timeout:g}s (preprocess.timeout)", True)
+            return (key, -1, -1, "DecodeTimeout", f"reading and decoding took over {self.timeout:g}s "
+                    "(preprocess.timeout)", True, truth), None
         except Exception as exc:  # noqa: BLE001 - one odd file must never end a million-image run
-            return index, None, -1, -1, type(exc).__name__, str(exc) or repr(exc), False
-        finally:
-            if armed:
-                signal.setitimer(signal.ITIMER_REAL, 0)
-                signal.signal(signal.SIGALRM, previous)
+            return (key, -1, -1, type(exc).__name__, str(exc) or repr(exc), False, truth), None
 
 
-def collate(items: list[tuple]) -> tuple[list[tuple], torch.Tensor | None]:
-    good = [item[1] for item in items if item[1] is not None]
-    pixels = torch.from_numpy(np.stack(good)) if good else None
-    return [(i, w, h, kind, msg, transient) for i, _, w, h, kind, msg, transient in items], pixels
+def _as_is(item: Item) -> Item:
+    return item
+
+
+def _stack(pixels: list[np.ndarray]) -> torch.Tensor | None:
+    return torch.from_numpy(np.stack(pixels)) if pixels else None
 
 
 # ---------------------------------------------------------------------------------------- the encode loop
 
-def _batches(spans: list[ChunkSpan], batch_size: int) -> Iterator[list[int]]:
-    for span in spans:
-        for start in range(span.start, span.stop, batch_size):
-            yield list(range(start, min(start + batch_size, span.stop)))
+@dataclass
+class _Chunk:
+    """A chunk being filled: each batch's rows and embeddings, by batch number."""
+
+    batches: dict[int, tuple[list, np.ndarray | None]] = field(default_factory=dict)
+    closing: int | None = None  # the last batch's number, once it is known
+
+    def complete(self) -> bool:
+        return self.closing is not None and len(self.batches) == self.closing + 1
 
 
-def _encode(records: Records, pending: list[ChunkSpan], pool: ChunkPool, runtime: Runtime,
-            params: dict) -> dict[str, ChunkFile]:
+def _encode(plan: Plan, pending: dict[int, int], pool: ChunkPool, runtime: Runtime,
+            params: dict) -> tuple[dict[str, ChunkFile], int]:
+    """Encode the pending groups; returns the chunks written (with the index chunks of tar shards read to their
+    end) and how many images went through."""
     model = runtime.models.get(params["model"], params["dtype"])
     spec = PreprocessSpec.from_dict(params["preprocess"])
-    # Workers decode parts of a batch (one part per worker), not whole batches: a batch is then ready as soon
-    # as all workers together have decoded it, and one large image delays only its part.
-    part = max(1, -(-runtime.batch_size // max(1, runtime.num_workers)))
-    parts = (batch[i:i + part] for batch in _batches(pending, runtime.batch_size)
-             for i in range(0, len(batch), part))
-    reader = ImageReader(records.path, runtime, spec, params["draft"], params["max_pixels"])
-    loader = DataLoader(reader, batch_sampler=parts, collate_fn=collate, num_workers=runtime.num_workers,
-                        prefetch_factor=4 if runtime.num_workers else None, persistent_workers=False)
-    # Start the workers before the warm-up, so that the first batches decode while the model warms up.
-    decoded = _whole_batches(iter(loader), _batches(pending, runtime.batch_size), part,
-                             pin=runtime.device.is_accelerator)
+    decoder = Decoder(plan, pending, runtime, spec, params["draft"], params["max_pixels"], runtime.num_workers)
+    loader = DataLoader(decoder, batch_size=None, collate_fn=_as_is, num_workers=runtime.num_workers,
+                        prefetch_factor=4 if runtime.num_workers else None, persistent_workers=False,
+                        pin_memory=runtime.device.is_accelerator)
+    items = iter(loader)  # the workers start now, so that the first batches decode while the model warms up
     warm_up(model, runtime, spec)
     written: dict[str, ChunkFile] = {}
+    parts: dict[tuple[int, int, int], list] = {}
+    chunks: dict[tuple[int, int], _Chunk] = {}
     timing = {"data_wait_seconds": 0.0, "model_seconds": 0.0, "chunk_write_seconds": 0.0}
-    total = sum(s.stop - s.start for s in pending)
-    remaining = iter(pending)
-    span = next(remaining)
-    rows: list[tuple] = []
-    embeddings: list[np.ndarray] = []
+    total = sum(plan.spans[g].stop - plan.spans[g].start for g in pending) if plan.kind == "images" else None
+    images = 0
     clock = time.perf_counter()
     with tqdm(total=total, unit="img", desc="encode images", disable=not runtime.progress, smoothing=0.1) as bar:
-        for meta, pixels in decoded:
+        for group, sub, batch_no, part_no, n_parts, closes, ends, rows, pixels in items:
             clock = _lap(timing, "data_wait_seconds", clock)
-            if pixels is not None:
-                embeddings.append(model.encode_images(pixels))
+            if ends is not None:
+                if ends >= 0:  # a tar shard read to its end: record how many chunks it makes
+                    written[plan.index_key(group)] = pool.put(plan.index_key(group),
+                                                              json.dumps({"chunks": ends}).encode())
+                continue
+            received = parts.setdefault((group, sub, batch_no), [])
+            received.append((part_no, rows, pixels))
+            if len(received) < n_parts:
+                continue
+            del parts[(group, sub, batch_no)]
+            received.sort(key=lambda r: r[0])
+            batch_rows = [row for _, part_rows, _ in received for row in part_rows]
+            tensors = [px for _, _, px in received if px is not None]
+            embeddings = model.encode_images(torch.cat(tensors) if len(tensors) > 1 else tensors[0]) \
+                if tensors else None
             clock = _lap(timing, "model_seconds", clock)
-            rows.extend(meta)
-            bar.update(len(meta))
-            if rows[-1][0] == span.stop - 1:
-                written[span.key] = _write_chunk(pool, span, records, rows, embeddings, model.embedding_dim)
-                rows, embeddings = [], []
-                span = next(remaining, None)
+            chunk = chunks.setdefault((group, sub), _Chunk())
+            chunk.batches[batch_no] = (batch_rows, embeddings)
+            if closes:
+                chunk.closing = batch_no
+            bar.update(len(batch_rows))
+            images += len(batch_rows)
+            if chunk.complete():
+                key = plan.chunk_key(group, sub)
+                written[key] = _write_chunk(pool, key, chunks.pop((group, sub)), model.embedding_dim)
             clock = _lap(timing, "chunk_write_seconds", clock)
     for key, seconds in timing.items():
         runtime.counters[key] = runtime.counters.get(key, 0.0) + seconds
-    return written
+    return written, images
 
 
-def _whole_batches(decoded_parts: Iterator[tuple], batches: Iterator[list[int]], part: int,
-                   pin: bool) -> Iterator[tuple]:
-    """Join the decoded parts back into the planned batches (the DataLoader returns them in order). With `pin`
-    (an accelerator), the batch is assembled straight into page-locked memory for a non-blocking copy."""
-    for batch in batches:
-        pieces = [next(decoded_parts) for _ in range(0, len(batch), part)]
-        meta = [row for piece_meta, _ in pieces for row in piece_meta]
-        tensors = [pixels for _, pixels in pieces if pixels is not None]
-        if not tensors:
-            yield meta, None
-            continue
-        shape = (sum(len(t) for t in tensors), *tensors[0].shape[1:])
-        joined = torch.empty(shape, dtype=tensors[0].dtype, pin_memory=pin)
-        yield meta, torch.cat(tensors, out=joined)
+def _index_keys(plan: Plan, pending: dict[int, int]) -> set[str]:
+    return {plan.index_key(g) for g in pending} if plan.kind == "shards" else set()
 
 
 def _lap(timing: dict[str, float], key: str, since: float) -> float:
@@ -268,22 +446,23 @@ def _lap(timing: dict[str, float], key: str, since: float) -> float:
     return now
 
 
-def _write_chunk(pool: ChunkPool, span: ChunkSpan, records: Records, rows: list[tuple],
-                 embeddings: list[np.ndarray], dim: int) -> ChunkFile:
-    index, width, height, kind, message, transient = (list(col) for col in zip(*rows))
+def _write_chunk(pool: ChunkPool, key: str, chunk: _Chunk, dim: int) -> ChunkFile:
+    rows = [row for b in sorted(chunk.batches) for row in chunk.batches[b][0]]
+    found = [chunk.batches[b][1] for b in sorted(chunk.batches) if chunk.batches[b][1] is not None]
+    path, width, height, kind, message, transient, truth = (list(col) for col in zip(*rows)) if rows else ([],) * 7
     ok = np.array([k is None for k in kind], dtype=bool)
     full = np.zeros((len(rows), dim), np.float32)
-    if embeddings:
-        full[ok] = np.concatenate(embeddings)
+    if found:
+        full[ok] = np.concatenate(found)
     table = pa.Table.from_arrays([
-        records.slice(span.start, span.stop).column("path"), pa.array(ok), pa.array(width, pa.int32()),
+        pa.array(path, pa.binary()), pa.array(ok, pa.bool_()), pa.array(width, pa.int32()),
         pa.array(height, pa.int32()), pa.array(kind, pa.string()), pa.array(message, pa.string()),
-        pa.array(transient, pa.bool_()),
+        pa.array(transient, pa.bool_()), pa.array(truth, pa.string()),
         pa.FixedSizeListArray.from_arrays(pa.array(full.reshape(-1)), dim)], schema=chunk_schema(dim))
     sink = pa.BufferOutputStream()
     with ipc.new_file(sink, table.schema) as writer:
         writer.write_table(table)
-    return pool.put(span.key, sink.getvalue().to_pybytes(), final=not any(transient))
+    return pool.put(key, sink.getvalue().to_pybytes(), final=not any(transient))
 
 
 # ------------------------------------------------------------------------------------------- reading back
@@ -300,7 +479,7 @@ def embedding_matrix(chunk: pa.Table) -> np.ndarray:
 
 
 def image_count(artifact: Artifact) -> int:
-    """How many records the stage covered (classified or failed)."""
+    """How many images the stage covered (classified or failed)."""
     return int(artifact.chunk_list()["count"])
 
 

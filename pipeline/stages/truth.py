@@ -13,16 +13,22 @@ from .discover import Records, display_path
 
 log = logging.getLogger(__name__)
 
-VERSION = 2
+VERSION = 3
 # Besides this module, the code that decides its output (tests/unit/test_stage_versions.py holds VERSION to it).
-CODE = ("pipeline.outputs.metrics",)
+CODE = ("pipeline.outputs.metrics", "pipeline.sources.manifest")
 TRUTH_FILE = "truth.parquet"
 
 
 def load_truth(ctx: StageContext, *, records: Artifact, mode: str, column: str, labels: list[str]) -> None:
-    """`mode`: auto (folder-per-class when every top folder is a label), folders, or file (`runtime.truth_file`,
-    a location, so not hashed: this content stage is fingerprinted by the truth it read)."""
-    if mode in ("auto", "folders"):
+    """`mode`: auto (the source's own truth, e.g. a manifest's label column; else folder-per-class when every top
+    folder is a label), folders, or file (`runtime.truth_file`, a location, so not hashed: this content stage is
+    fingerprinted by the truth it read). Truth read with the images (tar shards) reaches classify in the chunks."""
+    carried = ctx.runtime.source.truth() if mode == "auto" else None
+    if carried is not None:
+        truth = carried
+    elif ctx.runtime.source.kind == "shards":
+        truth = {}
+    elif mode in ("auto", "folders"):
         paths = [display_path(p) for batch in Records(records).batches() for p in batch.column("path").to_pylist()]
         truth = metrics.truth_from_folders(paths, labels, forced=mode == "folders")
     else:

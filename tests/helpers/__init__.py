@@ -80,3 +80,27 @@ def output_differences(got: Path, want: Path) -> list[str]:
 
 def statuses(summary) -> dict[str, str]:
     return {r.name: r.status for r in summary.reports}
+
+
+def write_shards(root: Path, images: list[Path], per_shard: int, truth: dict[str, str] | None = None,
+                 name: str = "data-{:04d}.tar") -> list[Path]:
+    """webdataset tar shards of `images` (each `key.<ext>`, with `key.cls` when `truth` names its label)."""
+    import io
+    import tarfile
+
+    root.mkdir(parents=True, exist_ok=True)
+    shards = []
+    for number, start in enumerate(range(0, len(images), per_shard)):
+        path = root / name.format(number)
+        with tarfile.open(path, "w") as tar:
+            for image in images[start:start + per_shard]:
+                stem = image.name.split(".", 1)[0]
+                members = [(image.name, image.read_bytes())]
+                if truth and image.name in truth:
+                    members.append((f"{stem}.cls", truth[image.name].encode()))
+                for member, data in members:
+                    info = tarfile.TarInfo(member)
+                    info.size, info.mtime = len(data), 1_700_000_000
+                    tar.addfile(info, io.BytesIO(data))
+        shards.append(path)
+    return shards

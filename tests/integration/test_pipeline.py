@@ -171,7 +171,7 @@ def _no_image_read(monkeypatch):
     (("labels=custom", "labels.list='cat,dog,cat'"), "repeats labels"),
     (("labels=custom", "labels.file=/nonexistent/labels.txt"), "label file not found"),
     (("model.path=/nonexistent/model",), "model directory not found"),
-    (("dataset.path=/nonexistent/data",), "dataset folder not found"),
+    (("dataset.path=/nonexistent/data",), "dataset not found"),
     (("encode.batch_size=0",), "must be a positive integer"),
     (("labels=custom",), "no labels given"),
     (("model=custom",), "no model given"),

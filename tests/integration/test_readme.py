@@ -14,13 +14,15 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Iterator
 
 import pandas as pd
 import pytest
 import torch
 
 from pipeline.outputs.writers import read_metadata
-from tests.helpers import ENV, ROOT, SAMPLE_IMAGES, TINY_CHINESE_CLIP, TINY_CLIP
+from tests.helpers import ENV, ROOT, SAMPLE_IMAGES, TINY_CHINESE_CLIP, TINY_CLIP, write_shards
+from tests.helpers.servers import s3_server
 
 pytestmark = pytest.mark.slow
 README = ROOT / "README.md"
@@ -47,23 +49,48 @@ def _without_comment(command: str) -> str:
     return re.sub(r"\s+#\s.*$", "", command).strip()
 
 
+HTTP_PORT = 8765  # the README's web-server example
+S3_ENV: dict[str, str] = {}
+
+
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory) -> Path:
+def workspace(tmp_path_factory) -> Iterator[Path]:
+    """A checkout-like folder with the README examples' data: photos, models, labels.txt, cat.jpg, photos.csv,
+    shards/ (with .cls truth), urls.csv behind a web server on 127.0.0.1:8765, and an S3 endpoint (moto) holding
+    s3://my-bucket/photos/, reached through the standard AWS_* environment."""
     ws = tmp_path_factory.mktemp("checkout")
     for entry in ROOT.iterdir():
         if entry.name not in ("outputs", ".git"):
             (ws / entry.name).symlink_to(entry)
     shutil.copytree(SAMPLE_IMAGES, ws / "photos")
+    images = sorted(p for p in (ws / "photos").iterdir())
     (ws / "models").mkdir()
     shutil.copytree(TINY_CLIP, ws / "models" / "clip-vit-large-patch14")
     shutil.copytree(TINY_CHINESE_CLIP, ws / "models" / "chinese-clip-vit-base-patch16")
     (ws / "labels.txt").write_text("\n".join(LABELS) + "\n", encoding="utf-8")
     shutil.copy(sorted(SAMPLE_IMAGES.glob("*.jpg"))[0], ws / "cat.jpg")
-    return ws
+    pd.DataFrame({"path": [f"photos/{p.name}" for p in images]}).to_csv(ws / "photos.csv", index=False)
+    write_shards(ws / "shards", images, per_shard=8, truth={p.name: LABELS[i % 2] for i, p in enumerate(images)})
+    pd.DataFrame({"path": [f"http://127.0.0.1:{HTTP_PORT}/photos/{p.name}" for p in images]}) \
+        .to_csv(ws / "urls.csv", index=False)
+    web = subprocess.Popen(["python3", "-m", "http.server", str(HTTP_PORT), "--bind", "127.0.0.1", "--directory",
+                            str(ws)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        with s3_server() as s3:
+            fs = s3.filesystem()
+            fs.mkdir("my-bucket")
+            for image in images:
+                fs.pipe(f"my-bucket/photos/{image.name}", image.read_bytes())
+            S3_ENV.update(s3.env)
+            yield ws
+    finally:
+        web.kill()
+        web.wait()
 
 
 def _shell(ws: Path, command: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", "-c", command], cwd=ws, env=ENV, capture_output=True, text=True, timeout=600)
+    return subprocess.run(["bash", "-c", command], cwd=ws, env={**ENV, **S3_ENV}, capture_output=True, text=True,
+                          timeout=600)
 
 
 def _newest_run(ws: Path) -> Path:
@@ -100,6 +127,18 @@ def _check(command: str, proc, ws: Path) -> None:
     if command.startswith("make demo"):
         run_dir = _newest_run(ws)
         assert len(_res(run_dir)) == 38 and (run_dir / "metrics.parquet").exists() and "top-1" in log
+    elif "DATASET=photos.csv" in command:
+        assert sorted(_res(_newest_run(ws)))[0] == "photos/blue_circle_00.jpg" and len(_res(_newest_run(ws))) == 38
+    elif "DATASET='shards/" in command:
+        run_dir = _newest_run(ws)
+        assert sorted(_res(run_dir))[0] == "data-0000.tar/blue_circle_00.jpg" and len(_res(run_dir)) == 38
+        assert pd.read_parquet(run_dir / "predictions.parquet")["truth"].notna().all()
+        assert (run_dir / "metrics.parquet").exists()
+    elif "DATASET=s3://my-bucket/photos/" in command:
+        assert sorted(_res(_newest_run(ws)))[0] == "blue_circle_00.jpg" and len(_res(_newest_run(ws))) == 38
+    elif f"DATASET=http://127.0.0.1:{HTTP_PORT}/urls.csv" in command:
+        res = _res(_newest_run(ws))
+        assert len(res) == 38 and sorted(res)[0] == f"http://127.0.0.1:{HTTP_PORT}/photos/blue_circle_00.jpg"
     elif "IMAGE=cat.jpg" in command or "--input_image cat.jpg" in command:
         _distribution(proc, ["cat", "dog"])
     elif "OUT=results " in command:
@@ -150,7 +189,7 @@ def test_every_readme_command_is_checked(workspace):
         proc = _shell(workspace, command)
         _check(command, proc, workspace)
         ran.append(command)
-    assert len(ran) == len(readme_commands()) - len(NOT_RUN_HERE) >= 15
+    assert len(ran) == len(readme_commands()) - len(NOT_RUN_HERE) >= 19
 
 
 def test_readme_python_snippets(workspace):

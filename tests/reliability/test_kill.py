@@ -123,3 +123,64 @@ def test_repeated_kills_still_converge(dataset, reference, tmp_path):
         assert proc.returncode == -signal.SIGKILL
         STATS["faults injected"] += 1
     _rerun_and_compare(dataset, tmp_path, reference[0])
+
+
+def _images_in_finished_chunks(cache: Path) -> int:
+    """Images held by the finished chunks in the pool (tar shards' index chunks hold no images)."""
+    import pyarrow as pa
+    import pyarrow.ipc as ipc
+
+    total = 0
+    for path in (cache / "encode_images" / "pool").glob("*/*/*.chunk"):
+        if path.name.endswith(".retry.chunk"):
+            continue
+        try:
+            total += ipc.open_file(pa.memory_map(str(path))).read_all().num_rows
+        except pa.ArrowInvalid:
+            pass
+    return total
+
+
+@pytest.fixture(scope="module")
+def s3():
+    from tests.helpers.servers import s3_server
+
+    with s3_server() as server:
+        yield server
+
+
+@pytest.mark.parametrize("kind", ["tar", "s3"])
+def test_kill_mid_encoding_on_tar_shards_and_a_bucket(dataset, tmp_path, kind, request):
+    """kill -9 while encoding tar shards (read sequentially, resumed inside a shard) or a bucket; the rerun's
+    outputs equal an uninterrupted run's and it encodes exactly the images no finished chunk held."""
+    from tests.helpers import write_shards
+    from pipeline.config import quote_override_value
+
+    images = sorted(dataset.rglob("*.jpg"))
+    env = {}
+    if kind == "tar":
+        shards = write_shards(tmp_path / "shards", images, per_shard=40)
+        location = quote_override_value(f"{tmp_path}/shards/data-{{0000..{len(shards) - 1:04d}}}.tar")
+    else:
+        s3 = request.getfixturevalue("s3")
+        fs = s3.filesystem()
+        bucket = f"kill-{abs(hash(str(tmp_path))) % 10**8}"
+        fs.mkdir(bucket)
+        for image in images:
+            fs.pipe(f"{bucket}/set/{image.relative_to(dataset).as_posix()}", image.read_bytes())
+        location, env = f"s3://{bucket}/set/", s3.env
+    args = (*ARGS, "dataset.truth=null")
+    ref = run_job(job_command(location, tmp_path / "ref", tmp_path / "ref-cache", *args), env=env)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    killed = run_job(job_command(location, tmp_path / "out", tmp_path / "cache", *args),
+                     env={**env, "PIPELINE_FAULT": "chunk.after_write:3"})
+    assert killed.returncode == -signal.SIGKILL
+    STATS["faults injected"] += 1
+    already = _images_in_finished_chunks(tmp_path / "cache")
+    assert already > 0
+    rerun = run_job(job_command(location, tmp_path / "out", tmp_path / "cache", *args), env=env)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert compare_outputs(tmp_path / "out", tmp_path / "ref") == []
+    encoded = re.search(r"encoded (\d+) images in (\d+) chunks", log_of(rerun))
+    assert encoded and int(encoded.group(1)) == len(images) - already  # no image encoded twice
+    assert leftovers(tmp_path / "cache") == []

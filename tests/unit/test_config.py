@@ -10,7 +10,7 @@ from omegaconf.errors import ValidationError
 from pipeline import workflow
 from pipeline.config import CONTENT, RESULT, RUNTIME, compose, roles, translate_flags
 from pipeline.engine import CACHED, CONTENT as CONTENT_STAGE, Runner
-from tests.helpers import SAMPLE_IMAGES, TINY_CLIP
+from tests.helpers import SAMPLE_IMAGES, TINY_CLIP, write_shards
 
 
 def test_defaults_guess_nothing():
@@ -55,7 +55,9 @@ ALTERNATIVES = {
     "labels.name": ([], "renamed"), "labels.list": ([], "'circle,square'"), "labels.file": ([], None),
     "labels.template": ([], "'a drawing of a _.'"), "labels.templates": ([], "['a _.','the _.']"),
     "dataset.path": ([], None), "dataset.image": ([], None), "dataset.extensions": ([], "[jpg]"),
-    "dataset.truth": ([], None), "dataset.truth_column": ([], "color"),
+    "dataset.format": ("mixed", "tar"), "dataset.path_column": ([], "file"),
+    "dataset.truth": ([], None), "dataset.truth_column": ([], "color"), "dataset.truth_member": ("tar", "cls"),
+    "dataset.storage_options": ([], "{anon:true}"), "dataset.retries": ([], "1"), "dataset.io_timeout": ([], "5"),
     "device.type": ([], "auto"), "device.dtype": ([], "int8"), "device.index": ([], "0"),
     "device.cpu_half": (["device.dtype=bf16"], "true"),
     "encode.batch_size": ([], "3"), "encode.num_workers": ([], "2"), "encode.chunk_size": ([], "7"),
@@ -81,9 +83,24 @@ def test_every_schema_key_declares_its_role():
     assert sorted(declared) == sorted(ALTERNATIVES), "add the new key to ALTERNATIVES with another value"
 
 
+def _base(base, tmp_path) -> list[str]:
+    """The overrides a comparison starts from: a list, or "tar" (a folder of one tar shard) or "mixed" (a folder
+    of images and a tar shard, which is a folder of images unless dataset.format says otherwise)."""
+    if not isinstance(base, str):
+        return base
+    images = sorted(SAMPLE_IMAGES.glob("*.jpg"))[:3]
+    folder = tmp_path / base
+    write_shards(folder, images, per_shard=3)
+    if base == "mixed":
+        for image in images:
+            shutil.copy(image, folder / image.name)
+    return [f"dataset.path={folder}"]
+
+
 @pytest.mark.parametrize("key", sorted(k for k, role in roles().items() if role in (RESULT, RUNTIME)))
 def test_result_keys_are_hashed_and_runtime_keys_are_not(compose, key, tmp_path):
     base, value = ALTERNATIVES[key]
+    base = _base(base, tmp_path)
     before = _identities(compose, *base)
     value = str(tmp_path / value) if key in ("output_dir", "cache_dir") else value
     after = _identities(compose, *base, f"{key}={value}")

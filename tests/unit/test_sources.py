@@ -95,3 +95,72 @@ def test_read_errors_say_whether_a_retry_can_help(tmp_path):
     finally:
         builtins.open = real_open
     assert info.value.kind == "PermissionError" and info.value.transient
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".tsv", ".parquet", ".jsonl"])
+def test_manifest_formats_sorted_records_and_truth(tmp_path, suffix):
+    import pandas as pd
+
+    from pipeline.sources.manifest import ManifestSource
+
+    for name in ("b.jpg", "a.png", "c/d.jpg"):
+        _touch(tmp_path / "imgs" / name, b"123")
+    table = pd.DataFrame({"path": ["imgs/b.jpg", str(tmp_path / "imgs" / "a.png"), "imgs/c/d.jpg",
+                                   "imgs/missing.jpg"], "label": ["cat", "dog", "", "cat"]})
+    manifest = tmp_path / f"list{suffix}"
+    if suffix == ".parquet":
+        table.to_parquet(manifest)
+    elif suffix == ".jsonl":
+        table.to_json(manifest, orient="records", lines=True)
+    else:
+        table.to_csv(manifest, sep="\t" if suffix == ".tsv" else ",", index=False)
+    source = ManifestSource(str(manifest))
+    records = {r["path"].decode(): r for r in _records(source)}
+    keys = list(records)
+    assert keys == sorted(keys, key=str.encode) and set(keys) == set(table["path"])
+    assert records["imgs/b.jpg"]["size"] == 3 and records["imgs/missing.jpg"]["size"] == -1
+    assert source.read(b"imgs/b.jpg") == b"123" and source.read(str(tmp_path / "imgs/a.png").encode()) == b"123"
+    assert source.truth() == {"imgs/b.jpg": "cat", str(tmp_path / "imgs" / "a.png"): "dog", "imgs/missing.jpg": "cat"}
+    with pytest.raises(ImageReadError):
+        source.read(b"imgs/missing.jpg")
+
+
+def test_format_is_detected_from_the_value(tmp_path):
+    from pipeline.sources import detect_format
+
+    _touch(tmp_path / "images" / "a.jpg")
+    _touch(tmp_path / "shards" / "x.tar")
+    exts = ["jpg"]
+    assert detect_format(str(tmp_path / "images"), exts) == "folder"
+    assert detect_format(str(tmp_path / "shards"), exts) == "tar"
+    assert detect_format("data/x-{0..3}.tar", exts) == "tar" and detect_format("x.tar.gz", exts) == "tar"
+    assert detect_format("list.parquet", exts) == "manifest" and detect_format("https://h/m.jsonl", exts) == "manifest"
+    assert detect_format("s3://bucket/prefix/", exts) == "bucket"
+    with pytest.raises(UserError, match="must name a manifest"):
+        detect_format("https://example.com/photos/", exts)
+
+
+def test_tar_members_grouped_by_key_with_truth(tmp_path):
+    import io
+    import json
+    import tarfile
+
+    from pipeline.sources.tars import TarSource
+
+    with tarfile.open(tmp_path / "s.tar", "w") as tar:
+        for name, data in [("a/x.jpg", b"img1"), ("a/x.json", json.dumps({"meta": {"label": "cat"}}).encode()),
+                           ("a/x.cls", b"7\n"), ("y.seg.png", b"img2"), ("y.txt", b"a dog"), ("readme", b"skip")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    for member, truths in (("cls", ["7", None]), ("txt", [None, "a dog"]), ("json.meta.label", ["cat", None])):
+        source = TarSource(str(tmp_path / "s.tar"), ["jpg", "png"], truth_member=member)
+        got = list(source.members(b"s.tar"))
+        assert [(m.name, m.data, m.truth) for m in got] == [("a/x.jpg", b"img1", truths[0]),
+                                                            ("y.seg.png", b"img2", truths[1])]
+    data = (tmp_path / "s.tar").read_bytes()
+    (tmp_path / "s.tar").write_bytes(data[:700])
+    source = TarSource(str(tmp_path / "s.tar"), ["jpg", "png"])
+    with pytest.raises(ImageReadError) as info:
+        list(source.members(b"s.tar"))
+    assert info.value.kind == "TruncatedTar" and not info.value.transient
