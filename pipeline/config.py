@@ -84,6 +84,9 @@ class DatasetConfig:
     # fsspec options for remote sources (endpoint, credentials, anon=true...); the environment's are the default.
     storage_options: Any = _key(RUNTIME)
     retries: int = _key(RUNTIME, 3)  # remote reads: attempts after the first, with backoff (0.5 s, 1 s, 2 s ...)
+    # Runs given the same name share one listing (the first lists, the others reuse it); null: list afresh, except
+    # that torchrun ranks share their job's listing, and so do the tasks of one SLURM array.
+    listing: Optional[str] = _key(RUNTIME)
     io_timeout: float = _key(RUNTIME, 60.0)  # remote reads: seconds per request
 
 
@@ -149,7 +152,9 @@ class RunConfig:
     output_dir: str = _key(RUNTIME, "${hydra:runtime.output_dir}")
     cache_dir: str = _key(RUNTIME, "outputs/cache")
     cache_lock: str = _key(RUNTIME, "auto")  # auto | flock | soft (see pipeline/engine/locks.py)
-    progress: bool = _key(RUNTIME, True)
+    embeddings: bool = _key(RESULT, False)  # also write embeddings.parquet and label_embeddings.parquet
+    progress: bool = _key(RUNTIME, True)  # a bar on a terminal; in a log file, a line every progress_interval s
+    progress_interval: float = _key(RUNTIME, 30.0)
     report: bool = _key(RUNTIME, True)  # write report.html (summary, charts, galleries, errors) into the run dir
 
 

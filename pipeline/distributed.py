@@ -47,6 +47,21 @@ def from_environment(index: int, count: int) -> Shard:
     return Shard(index, count, False)
 
 
+def listing_token(shard: Shard, configured: str | None) -> str | None:
+    """The name under which this job's processes share one listing of the dataset: the configured one, else
+    torchrun's run id (all ranks of one launch) or a SLURM array's job id (all its tasks); None: list afresh."""
+    if configured:
+        return configured
+    if shard.distributed and os.environ.get("TORCHELASTIC_RUN_ID"):
+        return f"torchrun-{os.environ['TORCHELASTIC_RUN_ID']}"
+    if shard.count > 1 and os.environ.get("SLURM_ARRAY_JOB_ID"):
+        return f"slurm-{os.environ['SLURM_ARRAY_JOB_ID']}"
+    if shard.count > 1:
+        log.warning("shard %d/%d lists the whole dataset itself; give every shard job the same dataset.listing=<name> "
+                    "so that the first lists it and the others reuse that listing", shard.index, shard.count)
+    return None
+
+
 def init(shard: Shard, device_type: str, timeout_hours: float) -> None:
     """Join the torchrun process group (the barrier waits for the slowest shard, hence a long timeout)."""
     if not shard.distributed:

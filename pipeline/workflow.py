@@ -66,6 +66,8 @@ class RunSummary:
     counters: dict = field(default_factory=dict)
     shard: distributed.Shard | None = None  # set when this process only encoded a shard
     error_kinds: list[ErrorKind] = field(default_factory=list)
+    bytes_read: int | None = None  # by this process (not its decode workers) during the run; Linux only
+    cache_bytes_read: dict = field(default_factory=dict)  # verified reads from the cache: entries' files, chunks
 
     def stage_seconds(self, name: str) -> float:
         return sum(r.seconds for r in self.reports if r.name == name)
@@ -78,8 +80,12 @@ class RunSummary:
                     f"({self.reports[-1].status}); {then}")
         stage_states = ", ".join(f"{r.name} {r.status}" for r in self.reports)
         rate = self.classified / self.seconds if self.seconds else 0.0
+        read = f", {self.bytes_read / 1e6:,.1f} MB read" if self.bytes_read is not None else ""
+        if self.cache_bytes_read:
+            read += (f" ({self.cache_bytes_read['chunks'] / 1e6:,.1f} MB of chunks, "
+                     f"{self.cache_bytes_read['files'] / 1e6:,.1f} MB of other cache files)")
         return (f"{self.classified}/{self.discovered} images classified, {self.errors} errors, "
-                f"{self.seconds:.1f}s ({rate:.1f} img/s); stages: {stage_states}; results in {self.out_dir}")
+                f"{self.seconds:.1f}s ({rate:.1f} img/s{read}); stages: {stage_states}; results in {self.out_dir}")
 
     def error_lines(self) -> list[str]:
         """Each kind of error with its count and its first paths (all listed in errors.parquet)."""
@@ -107,7 +113,8 @@ def _positive(name: str, value: int) -> int:
     return int(value)
 
 
-def build(cfg: DictConfig, preloaded: LoadedModel | None = None, device_index: int | None = None) -> Pipeline:
+def build(cfg: DictConfig, preloaded: LoadedModel | None = None, device_index: int | None = None,
+          shows_progress: bool = True) -> Pipeline:
     """Validate the config against the world (files, model, device) and build the stages."""
     for key in ("encode.batch_size", "encode.chunk_size", "classify.topk"):
         _positive(key, OmegaConf.select(cfg, key))
@@ -129,7 +136,8 @@ def build(cfg: DictConfig, preloaded: LoadedModel | None = None, device_index: i
     runtime = Runtime(source=source, models=ModelProvider(info, model_fp, choice.device, preloaded, counters),
                       device=choice, batch_size=cfg.encode.batch_size, num_workers=int(workers),
                       chunk_size=cfg.encode.chunk_size, timeout=cfg.preprocess.timeout,
-                      warmup_image=cfg.encode.warmup_image, truth_file=truth_file, progress=cfg.progress,
+                      warmup_image=cfg.encode.warmup_image, truth_file=truth_file,
+                      progress=cfg.progress and shows_progress, progress_interval=cfg.progress_interval,
                       counters=counters)
     stages = _stages(cfg, runtime, label_set, cfg.model.name or info.name, model_fp, truth_mode, out_dir)
     return Pipeline(stages, runtime, label_set, out_dir, cache_dir)
@@ -187,7 +195,8 @@ def _stages(cfg: DictConfig, runtime: Runtime, label_set: LabelSet, model_name: 
         Stage("classify", classify.classify, version=classify.VERSION, kind=CACHED,
               inputs={"truth": "truth", "label_embeddings": "encode_labels", "image_embeddings": "encode_images"},
               params={"labels": labels, "topk": cfg.classify.topk, "min_score": cfg.classify.min_score,
-                      "unknown_label": cfg.classify.unknown_label, "metadata": metadata}),
+                      "unknown_label": cfg.classify.unknown_label, "metadata": metadata,
+                      "embeddings": cfg.embeddings}),
         Stage("publish", publish.publish, inputs={"results": "classify"}, params={"out_dir": str(out_dir)},
               version=publish.VERSION, kind=SINK),
     ]
@@ -237,12 +246,26 @@ def _source(cfg: DictConfig) -> Source:
                        storage_options=_plain(data.storage_options), retries=data.retries, timeout=data.io_timeout)
 
 
+def bytes_read() -> int | None:
+    """Bytes this process has read through read() calls (files, pipes, sockets, page cache or not)."""
+    try:
+        with open("/proc/self/io", encoding="ascii") as fh:
+            return int(next(line for line in fh if line.startswith("rchar:")).split()[1])
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
 def run(cfg: DictConfig, preloaded: LoadedModel | None = None) -> RunSummary:
-    started = time.perf_counter()
+    from .engine.cache import BYTES_READ
+
+    started, read_before, cache_before = time.perf_counter(), bytes_read(), dict(BYTES_READ)
     shard = distributed.from_environment(cfg.shard.index, cfg.shard.count)
-    pipeline = build(cfg, preloaded, shard.local_rank if shard.distributed else None)
+    pipeline = build(cfg, preloaded, shard.local_rank if shard.distributed else None,
+                     shows_progress=not shard.distributed or shard.index == 0)
     distributed.init(shard, pipeline.runtime.device.device.type, cfg.shard.timeout_hours)
-    runner = Runner(pipeline.cache_dir, pipeline.runtime, cfg.cache_lock)
+    token = distributed.listing_token(shard, cfg.dataset.listing)
+    runner = Runner(pipeline.cache_dir, pipeline.runtime, cfg.cache_lock,
+                    reuse_tokens={"discover": token} if token else {})
     try:
         if shard.count > 1:
             _encode_own_shard(pipeline, runner, shard)
@@ -265,9 +288,12 @@ def run(cfg: DictConfig, preloaded: LoadedModel | None = None) -> RunSummary:
                     ", ".join(cfg.dataset.extensions))
     if counts.get("metrics"):
         log.info("against ground truth: %s (metrics.parquet, confusion.parquet)", counts["metrics"])
+    read_after = bytes_read()
     return RunSummary(counts["discovered"], counts["classified"], counts["errors"], time.perf_counter() - started,
                       pipeline.out_dir, runner.reports, results, pipeline.runtime.counters,
-                      error_kinds=error_kinds(pipeline.out_dir / "errors.parquet"))
+                      error_kinds=error_kinds(pipeline.out_dir / "errors.parquet"),
+                      bytes_read=read_after - read_before if read_before is not None else None,
+                      cache_bytes_read={k: BYTES_READ[k] - cache_before[k] for k in BYTES_READ})
 
 
 def _encode_own_shard(pipeline: Pipeline, runner: Runner, shard: distributed.Shard) -> None:

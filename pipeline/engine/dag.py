@@ -15,7 +15,9 @@ fingerprints), as in DVC and HF `datasets`; "present and checks out" means done,
 - `sink`: always runs and publishes outside the cache (e.g. into a run directory).
 
 Long stages keep their progress in a chunk pool (`ctx.pool`, see `chunks.py`) that survives kills and
-fingerprint changes; sealing writes only a list of chunks. A stage that returns `Incomplete` is sealed but
+fingerprint changes; sealing writes only a list of chunks. `ctx.memo` holds indexes a stage derives from its
+inputs (safe to delete). A content stage can be shared by a token (`reuse_tokens`): the processes of one job
+then list the world once. A stage that returns `Incomplete` is sealed but
 recomputed by the next run (and so is everything downstream). A stage that finds an input corrupt while reading
 it raises `InputCorrupt`; the runner recomputes that input (its chunks that are still good are kept) and runs the
 stage again.
@@ -32,7 +34,7 @@ from typing import Any, Callable, Mapping
 from . import cache
 from .cache import Artifact, InputCorrupt
 from .failpoints import failpoint
-from .files import canonical_json, remove, sha256_json, tmp_name
+from .files import atomic_open, canonical_json, remove, sha256_json, tmp_name
 from .locks import locked
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,8 @@ log = logging.getLogger(__name__)
 CACHED, CONTENT, SINK = "cached", "content", "sink"
 KINDS = (CACHED, CONTENT, SINK)
 POOL_DIR = "pool"
+MEMO_DIR = "memo"
+REUSE_DIR = "reuse"
 MAX_REPAIRS = 3
 
 
@@ -49,6 +53,7 @@ class StageContext:
     runtime: Any  # what changes speed, never results: passed through from the Runner, never hashed
     pool: Path | None = None  # the stage's chunk pool (cached stages): survives kills and fingerprint changes
     key: str = ""  # hash of (stage, version, params): namespaces the stage's chunk keys
+    memo: Path | None = None  # for indexes derived from inputs (safe to delete: recomputed when missing)
     resumed: bool = False  # set by the stage when it found earlier progress to build on
 
 
@@ -99,6 +104,9 @@ class Runner:
     cache_dir: Path
     runtime: Any = None
     lock_kind: str = "auto"
+    # Content stages to reuse by a token instead of running again (e.g. one listing for all the shard processes
+    # of one job): the first process under the token runs the stage, the others take its entry.
+    reuse_tokens: dict[str, str] = field(default_factory=dict)
     reports: list[StageReport] = field(default_factory=list)
 
     def run(self, stages: list[Stage], targets: tuple[str, ...] | None = None) -> dict[str, Artifact]:
@@ -126,7 +134,8 @@ class Runner:
         # preprocessing settings share the cache.
         identity = stage.identity
         pool = self.cache_dir / stage.name / POOL_DIR / identity[:16] if stage.kind == CACHED else None
-        return StageContext(out=out, runtime=self.runtime, pool=pool, key=identity)
+        memo = self.cache_dir / stage.name / MEMO_DIR / identity[:16]
+        return StageContext(out=out, runtime=self.runtime, pool=pool, key=identity, memo=memo)
 
     def _run_repairing(self, stage: Stage, by_name: dict[str, Stage],
                        results: dict[str, Artifact]) -> tuple[Artifact, str]:
@@ -173,6 +182,23 @@ class Runner:
         return Artifact(stage.name, fingerprint, final, final_flag, ctx.pool), "resumed" if ctx.resumed else "ran"
 
     def _run_content(self, stage: Stage, inputs: dict[str, Artifact]) -> tuple[Artifact, str]:
+        token = self.reuse_tokens.get(stage.name)
+        if token is None:
+            return self._run_content_now(stage, inputs)
+        stage_dir = self.cache_dir / stage.name
+        pointer = stage_dir / REUSE_DIR / sha256_json({"token": token, "identity": stage.identity,
+                                                       "inputs": {a: art.fingerprint for a, art in inputs.items()}})
+        with locked(pointer.with_suffix(".lock"), self.lock_kind):
+            fingerprint = pointer.read_text().strip() if pointer.exists() else None
+            final = stage_dir / fingerprint if fingerprint else None
+            if final is not None and cache.is_final(final) and cache.verify(final, None):
+                return Artifact(stage.name, fingerprint, final), "reused"
+            artifact, status = self._run_content_now(stage, inputs)
+            with atomic_open(pointer, "w", encoding="ascii") as fh:
+                fh.write(artifact.fingerprint)
+            return artifact, status
+
+    def _run_content_now(self, stage: Stage, inputs: dict[str, Artifact]) -> tuple[Artifact, str]:
         stage_dir = self.cache_dir / stage.name
         tmp = stage_dir / tmp_name("content")
         tmp.mkdir(parents=True)

@@ -1,9 +1,10 @@
-"""Ground truth and the metrics computed against it.
+"""Ground truth and the metrics computed against it, both as streams.
 
 Truth comes from the folder-per-class layout (`dataset/<label>/...`; detected when every image sits in a top-level
-folder named after a label, or forced with `dataset.truth=folders`) or from a CSV/parquet file with a path column
-and a label column (`dataset.truth=file.csv`, `dataset.truth_column=label`). Paths in the file are relative to the
-dataset folder, '/'-separated.
+folder named after a label, or forced with `dataset.truth=folders`), from a CSV/parquet file with a path column
+and a label column (`dataset.truth=file.csv`, `dataset.truth_column=label`; paths relative to the dataset,
+'/'-separated), or from the source itself (a manifest's column, tar shards' members). It is stored sorted by path,
+and classify walks it beside the image embeddings (which come in path order): no lookup table of every image.
 """
 
 from __future__ import annotations
@@ -28,15 +29,29 @@ METRICS_SCHEMA = pa.schema([("scope", pa.string()), ("label", pa.string()), ("me
 CONFUSION_SCHEMA = pa.schema([("true_label", pa.string()), ("predicted_label", pa.string()), ("count", pa.int64())])
 
 
-def truth_from_folders(paths: Sequence[str], labels: Sequence[str], forced: bool) -> dict[str, str]:
-    tops = {p: p.split("/", 1)[0] for p in paths if "/" in p}
-    label_set = set(labels)
-    if forced or (paths and len(tops) == len(paths) and set(tops.values()) <= label_set):
-        return tops
-    return {}
+def write_folder_truth(paths: Iterable[list[str]], labels: Sequence[str], forced: bool, out: Path) -> int:
+    """Truth from each image's top folder, streamed from path batches (in path order) into `out`; with `forced`
+    false, only when every image sits in a top folder named after a label (else nothing is written). Returns the
+    number of images with truth."""
+    label_set, rows, usable = set(labels), 0, True
+    with pq.ParquetWriter(out, TRUTH_SCHEMA) as writer:
+        for batch in paths:
+            tops = [p.split("/", 1)[0] if "/" in p else None for p in batch]
+            if not forced and any(t is None or t not in label_set for t in tops):
+                usable = False
+                break
+            kept = [(p, t) for p, t in zip(batch, tops) if t is not None]
+            if kept:
+                writer.write_table(pa.table({"path": [p for p, _ in kept], "truth": [t for _, t in kept]},
+                                            schema=TRUTH_SCHEMA))
+                rows += len(kept)
+    if not usable:
+        write_truth(out, _empty_truth())
+        return 0
+    return rows
 
 
-def truth_from_file(file: str | Path, column: str) -> dict[str, str]:
+def truth_from_file(file: str | Path, column: str) -> pa.Table:
     file = Path(file)
     if not file.is_file():
         raise UserError(f"truth file not found: '{file}' (dataset.truth)")
@@ -48,9 +63,62 @@ def truth_from_file(file: str | Path, column: str) -> dict[str, str]:
     if missing:
         raise UserError(f"truth file '{file}' lacks column(s) {missing}; it has {table.column_names} "
                         "(set dataset.truth_column to the label column)")
-    paths = table.column("path").cast(pa.string()).to_pylist()
-    values = table.column(column).cast(pa.string()).to_pylist()
-    return {p: v for p, v in zip(paths, values) if p is not None and v not in (None, "")}
+    return truth_table(table.column("path"), table.column(column))
+
+
+def truth_table(paths: pa.ChunkedArray, values: pa.ChunkedArray) -> pa.Table:
+    """(path, truth) rows with a path and a non-empty truth."""
+    import pyarrow.compute as pc
+
+    table = pa.table({"path": paths.cast(pa.string()), "truth": values.cast(pa.string())}, schema=TRUTH_SCHEMA)
+    keep = pc.and_(pc.is_valid(table.column("path")),
+                   pc.and_(pc.is_valid(table.column("truth")), pc.not_equal(table.column("truth"), "")))
+    return table.filter(keep)
+
+
+def _empty_truth() -> pa.Table:
+    return pa.table({"path": pa.array([], pa.string()), "truth": pa.array([], pa.string())}, schema=TRUTH_SCHEMA)
+
+
+def write_truth(out: Path, table: pa.Table | None) -> None:
+    """Store truth sorted by the UTF-8 bytes of its paths, the order images come in."""
+    import pyarrow.compute as pc
+
+    table = _empty_truth() if table is None else table
+    order = pc.sort_indices(table.column("path").cast(pa.binary()))
+    pq.write_table(table.take(order), out)
+
+
+class TruthWalk:
+    """Looks up truth for paths asked in increasing order, reading the sorted truth file once, row group by row
+    group. A path asked out of order (a file name that is not valid UTF-8 sorts differently) finds nothing."""
+
+    def __init__(self, source) -> None:
+        self._batches = pq.ParquetFile(source).iter_batches(batch_size=65_536)
+        self._keys: list[bytes] = []
+        self._values: list[str] = []
+        self._at = 0
+
+    def _fill(self) -> bool:
+        for batch in self._batches:
+            if batch.num_rows:
+                self._keys = [p.encode("utf-8", "surrogatepass") for p in batch.column("path").to_pylist()]
+                self._values = batch.column("truth").to_pylist()
+                self._at = 0
+                return True
+        return False
+
+    def get(self, path: str) -> str | None:
+        key = path.encode("utf-8", "surrogatepass")
+        while True:
+            if self._at >= len(self._keys) and not self._fill():
+                return None
+            current = self._keys[self._at]
+            if current == key:
+                return self._values[self._at]
+            if current > key:
+                return None
+            self._at += 1
 
 
 def recall_by_label(confusion: Counter) -> dict[str, float]:
@@ -59,17 +127,6 @@ def recall_by_label(confusion: Counter) -> dict[str, float]:
     for (truth, _), count in confusion.items():
         support[truth] += count
     return {label: confusion.get((label, label), 0) / n for label, n in support.items() if n}
-
-
-def write_truth(path: Path, truth: dict[str, str]) -> None:
-    items = sorted(truth.items())
-    pq.write_table(pa.table({"path": [p for p, _ in items], "truth": [t for _, t in items]}, schema=TRUTH_SCHEMA),
-                   path)
-
-
-def read_truth(path) -> dict[str, str]:
-    table = pq.read_table(path)
-    return dict(zip(table.column("path").to_pylist(), table.column("truth").to_pylist()))
 
 
 class MetricsAccumulator:

@@ -1,19 +1,23 @@
 """`report.html`: one self-contained page that shows a run, built from its parquet files alone.
 
 Nothing on the page reaches the network: CSS is inline, charts are inline SVG, thumbnails are small base64 JPEGs.
-The page carries only aggregates and capped galleries, so a 100k-image run gives a page of the same size as a
-1k-image one. It has no scripts. Every piece of text from the run (paths, labels, messages) goes through
-`html.escape`.
+The page carries only aggregates and capped galleries, so a 100M-image run gives a page of the same size as a
+1k-image one, and building it streams the parquet files in row groups: counts, histograms and, per label, the
+few most and least confident images (heaps), never all rows. It has no scripts. Every piece of text from the run
+(paths, labels, messages) goes through `html.escape`.
 """
 
 from __future__ import annotations
 
 import base64
+import heapq
 import io
 import math
+from collections import Counter
+from dataclasses import dataclass, field
 from html import escape
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -79,24 +83,22 @@ def build_report(run_dir: Path, dataset_root: Path | None = None, *, thumbs_per_
     if dataset_root is None:
         root = (meta.get("dataset") or {}).get("root")
         dataset_root = Path(root) if root else None
-    columns = [c for c in ("path", "label", "score", "truth") if c in schema.names]
-    preds = pq.read_table(pred_path, columns=columns).to_pandas()
-    preds["score"] = preds["score"].astype(np.float64)
-    errors = _read_optional(run_dir / "errors.parquet", ["path", "stage", "error_type", "message"])
+    scan = _scan_predictions(pred_path, "truth" in schema.names, thumbs_per_label)
+    errors = _scan_errors(run_dir / "errors.parquet")
     metrics = _read_optional(run_dir / "metrics.parquet")
     confusion = _read_optional(run_dir / "confusion.parquet")
 
-    counts = preds["label"].value_counts(sort=False)
+    counts = pd.Series(scan.counts, dtype=np.int64)
     counts = counts.iloc[np.lexsort((counts.index.to_numpy(dtype=str), -counts.to_numpy()))]  # ties by name
 
     parts = [
-        _summary(run_dir, meta, preds, errors, metrics, dataset_root),
+        _summary(run_dir, meta, scan, errors, metrics, dataset_root),
         _label_counts(counts),
-        _confidence(preds["score"].to_numpy()),
+        _confidence(scan),
     ]
     if confusion is not None:
         parts.append(_confusion(confusion))
-    parts.append(_galleries(preds, counts, dataset_root, thumbs_per_label, metrics))
+    parts.append(_galleries(scan, counts, dataset_root, thumbs_per_label, metrics))
     parts.append(_errors(errors))
 
     title = f"Report: {run_dir.name}"
@@ -111,6 +113,108 @@ def build_report(run_dir: Path, dataset_root: Path | None = None, *, thumbs_per_
 
 
 # ---------------------------------------------------------------- inputs
+
+FINE_BINS = 100_000  # score quantiles from a histogram this fine are exact to 1e-5
+
+
+@dataclass
+class Scan:
+    """What the page shows of predictions.parquet, gathered in one streamed pass."""
+
+    rows: int = 0
+    counts: Counter = field(default_factory=Counter)
+    fine: np.ndarray = field(default_factory=lambda: np.zeros(FINE_BINS, np.int64))  # scores in [0, 1]
+    truth_rows: int | None = None  # None: no truth column
+    top: dict[str, list] = field(default_factory=dict)  # label -> heap of the most confident (score, -path)
+    low: dict[str, list] = field(default_factory=dict)  # label -> heap of the least confident
+
+    def quantile(self, q: float) -> float:
+        if not self.fine.sum():
+            return float("nan")
+        cumulative = np.cumsum(self.fine)
+        index = int(np.searchsorted(cumulative, q * cumulative[-1], side="left"))
+        return (index + 0.5) / FINE_BINS
+
+    def gallery(self, label: str) -> tuple[list[tuple[str, float]], list[tuple[str, float]]]:
+        """(most confident first, least confident first); the second leaves out what the first shows."""
+        top = sorted(self.top.get(label, []), key=lambda r: (-r[0], r[1]))
+        shown = {path for _, path in top}
+        low = sorted(self.low.get(label, []), key=lambda r: (r[0], _Desc(r[1])))
+        low = [r for r in low if r[1] not in shown][: max(0, self.counts[label] - len(top))]
+        return [(p, s) for s, p in top], [(p, s) for s, p in low]
+
+
+class _Desc(str):
+    """A string that sorts backwards (ties among the least confident go by path, descending, as before)."""
+
+    def __lt__(self, other):  # noqa: D105
+        return str.__gt__(self, other)
+
+
+def _scan_predictions(path: Path, has_truth: bool, per_label: int) -> Scan:
+    scan = Scan(truth_rows=0 if has_truth else None)
+    columns = ["path", "label", "score"] + (["truth"] if has_truth else [])
+    for batch in pq.ParquetFile(path).iter_batches(columns=columns, batch_size=65_536):
+        paths, labels = batch.column("path").to_pylist(), batch.column("label").to_pylist()
+        scores = batch.column("score").to_numpy().astype(np.float64)
+        scan.rows += len(paths)
+        scan.counts.update(labels)
+        finite = scores[np.isfinite(scores)]
+        scan.fine += np.histogram(np.clip(finite, 0.0, 1.0), bins=FINE_BINS, range=(0.0, 1.0))[0]
+        if has_truth:
+            scan.truth_rows += len(paths) - batch.column("truth").null_count
+        if per_label:
+            _keep_extremes(scan, paths, labels, scores, per_label)
+    scan.top = {k: [(s, str(p)) for s, p in v] for k, v in scan.top.items()}
+    scan.low = {k: [(-s, p) for s, p in v] for k, v in scan.low.items()}
+    return scan
+
+
+def _keep_extremes(scan: Scan, paths: list[str], labels: list[str], scores: np.ndarray, per_label: int) -> None:
+    """Offer each label's most confident (ties: smaller path first) and least confident (ties: larger path first)
+    rows of a batch to its heaps; only a batch's few candidates per label go through Python."""
+    names, which = np.unique(np.asarray(labels, dtype=object), return_inverse=True)
+    order = np.argsort(which, kind="stable")
+    bounds = np.searchsorted(which[order], np.arange(len(names) + 1))
+    for k, label in enumerate(names):
+        rows = order[bounds[k]:bounds[k + 1]]
+        if len(rows) > 2 * per_label:  # a row outside the batch's top and bottom per_label (by score) cannot win
+            ranked = rows[np.argsort(scores[rows], kind="stable")]
+            cut = scores[ranked[per_label - 1]], scores[ranked[-per_label]]
+            rows = rows[(scores[rows] <= cut[0]) | (scores[rows] >= cut[1])]
+        for i in rows.tolist():
+            _keep(scan.top.setdefault(label, []), (scores[i], _Desc(paths[i])), per_label)
+            _keep(scan.low.setdefault(label, []), (-scores[i], paths[i]), per_label)
+
+
+def _keep(heap: list, item: tuple, size: int) -> None:
+    """Keep the `size` largest items of a stream in a min-heap."""
+    if len(heap) < size:
+        heapq.heappush(heap, item)
+    elif heap[0] < item:
+        heapq.heapreplace(heap, item)
+
+
+@dataclass
+class ErrorScan:
+    rows: int
+    by_type: Counter
+    first: list[tuple]  # the first MAX_ERROR_ROWS rows: path, stage, error type, message
+
+
+def _scan_errors(path: Path) -> ErrorScan | None:
+    if not path.is_file():
+        return None
+    by_type: Counter = Counter()
+    first: list[tuple] = []
+    rows = 0
+    for batch in pq.ParquetFile(path).iter_batches(columns=["path", "stage", "error_type", "message"]):
+        columns = [batch.column(i).to_pylist() for i in range(4)]
+        by_type.update(columns[2])
+        rows += batch.num_rows
+        if len(first) < MAX_ERROR_ROWS:
+            first += list(zip(*columns))[: MAX_ERROR_ROWS - len(first)]
+    return ErrorScan(rows, by_type, first)
 
 
 def _read_optional(path: Path, columns: list[str] | None = None) -> pd.DataFrame | None:
@@ -149,21 +253,21 @@ def _per_class(metrics: pd.DataFrame | None) -> dict[str, dict[str, float]]:
 # ---------------------------------------------------------------- sections
 
 
-def _summary(run_dir: Path, meta: dict, preds: pd.DataFrame, errors: pd.DataFrame | None,
+def _summary(run_dir: Path, meta: dict, scan: Scan, errors: ErrorScan | None,
              metrics: pd.DataFrame | None, dataset_root: Path | None) -> str:
     model = meta.get("model") or {}
     label_set = meta.get("label_set") or {}
     labels = label_set.get("labels") or []
-    n_err = 0 if errors is None else len(errors)
+    n_err = 0 if errors is None else errors.rows
     overall = _overall(metrics)
-    cards = [_card("images classified", f"{len(preds):,}"),
+    cards = [_card("images classified", f"{scan.rows:,}"),
              _card("errors", f"{n_err:,}", bad=n_err > 0)]
     for key, name in (("top1_accuracy", "top-1 accuracy"), ("top5_accuracy", "top-5 accuracy"),
                       ("mean_per_class_recall", "mean per-class recall")):
         if key in overall and not math.isnan(overall[key]):
             cards.append(_card(name, f"{overall[key]:.1%}"))
-    if len(preds):
-        cards.append(_card("median confidence", f"{float(np.median(preds['score'])):.3f}"))
+    if scan.rows:
+        cards.append(_card("median confidence", f"{scan.quantile(0.5):.3f}"))
     templates = _templates(meta)
     rows = [
         ("run directory", str(run_dir.resolve())),
@@ -177,8 +281,8 @@ def _summary(run_dir: Path, meta: dict, preds: pd.DataFrame, errors: pd.DataFram
          " | ".join(templates[:20]) + (" | …" if len(templates) > 20 else "") if templates else None),
         ("dataset root", str(dataset_root) if dataset_root else "unknown (thumbnails shown as placeholders)"),
     ]
-    if "truth" in preds.columns:
-        rows.append(("images with ground truth", f"{int(preds['truth'].notna().sum()):,}"))
+    if scan.truth_rows is not None:
+        rows.append(("images with ground truth", f"{scan.truth_rows:,}"))
     kv = "".join(f"<dt>{escape(k)}</dt><dd>{escape(str(v))}</dd>" for k, v in rows if v)
     return (f'<section id="summary">\n<h2>Summary</h2>\n<div class="cards">{"".join(cards)}</div>\n'
             f'<dl class="kv">{kv}</dl>\n</section>')
@@ -214,12 +318,12 @@ def _label_counts(counts: pd.Series) -> str:
     return head + note + svg + "\n</section>"
 
 
-def _confidence(scores: np.ndarray) -> str:
+def _confidence(scan: Scan) -> str:
     head = '<section id="confidence">\n<h2>Confidence (top score) histogram</h2>\n'
-    if scores.size == 0:
+    if scan.rows == 0:
         return head + '<p class="note">No predictions.</p>\n</section>'
-    finite = scores[np.isfinite(scores)]
-    hist, edges = np.histogram(np.clip(finite, 0.0, 1.0), bins=HIST_BINS, range=(0.0, 1.0))
+    hist = scan.fine.reshape(HIST_BINS, -1).sum(axis=1)
+    edges = np.linspace(0.0, 1.0, HIST_BINS + 1)
     left, bottom, plot_w, plot_h = 50, 30, 600, 200
     width, height = left + plot_w + 20, plot_h + bottom + 20
     peak = max(int(hist.max()), 1)
@@ -239,8 +343,8 @@ def _confidence(scores: np.ndarray) -> str:
         items.append(f'<text x="{x:.1f}" y="{plot_h + 26}" text-anchor="middle" font-size="11">{t:.1f}</text>')
     svg = (f'<svg width="{width}" height="{height}" '
            f'viewBox="0 0 {width} {height}" role="img" aria-label="confidence histogram">{"".join(items)}</svg>')
-    q = np.percentile(finite, [10, 50, 90]) if finite.size else [float("nan")] * 3
-    note = (f'<p class="note">{finite.size:,} images in {HIST_BINS} bins of width {1 / HIST_BINS:.2f}; '
+    q = [scan.quantile(f) for f in (0.1, 0.5, 0.9)]
+    note = (f'<p class="note">{int(scan.fine.sum()):,} images in {HIST_BINS} bins of width {1 / HIST_BINS:.2f}; '
             f'10th / 50th / 90th percentile: {q[0]:.3f} / {q[1]:.3f} / {q[2]:.3f}.</p>')
     return head + svg + "\n" + note + "\n</section>"
 
@@ -292,7 +396,7 @@ def _confusion(confusion: pd.DataFrame) -> str:
     return head + note + table + "\n</section>"
 
 
-def _galleries(preds: pd.DataFrame, counts: pd.Series, dataset_root: Path | None, per_label: int,
+def _galleries(scan: Scan, counts: pd.Series, dataset_root: Path | None, per_label: int,
                metrics: pd.DataFrame | None) -> str:
     head = '<section id="galleries">\n<h2>Galleries per predicted label</h2>\n'
     if counts.empty:
@@ -302,34 +406,26 @@ def _galleries(preds: pd.DataFrame, counts: pd.Series, dataset_root: Path | None
             if len(counts) > len(labels) else "")
     note += (f'<p class="note">For each label, the {per_label} most confident and the {per_label} least confident '
              f'images{"" if dataset_root else "; the dataset root is unknown, so images show as placeholders"}.</p>\n')
-    wanted = preds[preds["label"].isin(set(labels))]
-    # Sort once by (label, -score, path): each label's rows come out most confident first, ties stable by path.
-    wanted = wanted.sort_values(["label", "score", "path"], ascending=[True, False, True], kind="stable")
-    groups = {label: g for label, g in wanted.groupby("label", sort=False)}
     per_class = _per_class(metrics)
     sections = []
     for label in labels:
-        group = groups.get(label)
-        n = 0 if group is None else len(group)
-        top = group.iloc[:per_label] if n else group
-        rest = group.iloc[per_label:] if n else group
-        low = rest.iloc[::-1].iloc[:per_label] if n else rest  # least confident first
+        top, low = scan.gallery(label)
         stats = per_class.get(str(label), {})
         extra = "".join(f" · {k} {stats[k]:.2f}" if k != "support" else f" · support {int(stats[k]):,}"
                         for k in ("precision", "recall", "support") if k in stats)
         parts = [f'<section class="gallery" data-label="{escape(str(label))}">',
-                 f'<h3>{escape(str(label))} <span class="muted">({n:,} images{escape(extra)})</span></h3>',
-                 '<h4>Most confident</h4>', _thumbs(top, dataset_root, "top")]
-        if len(low):
+                 f'<h3>{escape(str(label))} <span class="muted">({int(counts[label]):,} images{escape(extra)})'
+                 '</span></h3>', '<h4>Most confident</h4>', _thumbs(top, dataset_root, "top")]
+        if low:
             parts += ['<h4>Least confident</h4>', _thumbs(low, dataset_root, "low")]
         parts.append("</section>")
         sections.append("\n".join(parts))
     return head + note + "\n".join(sections) + "\n</section>"
 
 
-def _thumbs(rows: pd.DataFrame, dataset_root: Path | None, kind: str) -> str:
+def _thumbs(rows: list[tuple[str, float]], dataset_root: Path | None, kind: str) -> str:
     figs = []
-    for path, score in zip(rows["path"], rows["score"]):
+    for path, score in rows:
         data = _thumbnail(dataset_root / path) if dataset_root is not None else None
         epath = escape(str(path))
         if data is not None:
@@ -354,28 +450,21 @@ def _thumbnail(path: Path) -> str | None:
         return None
 
 
-def _errors(errors: pd.DataFrame | None) -> str:
+def _errors(errors: ErrorScan | None) -> str:
     head = '<section id="errors">\n<h2>Images that could not be classified</h2>\n'
     if errors is None:
         return head + '<p class="note">No errors.parquet in this run.</p>\n</section>'
-    if errors.empty:
+    if not errors.rows:
         return head + '<p class="note">None: every image was classified.</p>\n</section>'
-    by_type = errors["error_type"].value_counts()
-    summary = ", ".join(f"{escape(str(t))}: {int(n):,}" for t, n in by_type.items())
-    shown = errors.iloc[:MAX_ERROR_ROWS]
-    note = f'<p class="note">{len(errors):,} errors ({summary}).</p>\n'
-    if len(errors) > len(shown):
-        note += f'<p class="note">Showing the first {len(shown):,} of {len(errors):,} rows.</p>\n'
+    summary = ", ".join(f"{escape(str(t))}: {int(n):,}" for t, n in errors.by_type.most_common())
+    note = f'<p class="note">{errors.rows:,} errors ({summary}).</p>\n'
+    if errors.rows > len(errors.first):
+        note += f'<p class="note">Showing the first {len(errors.first):,} of {errors.rows:,} rows.</p>\n'
     rows = "".join(f'<tr class="error"><td>{escape(str(p))}</td><td>{escape(str(s))}</td><td>{escape(str(t))}</td>'
-                   f'<td>{escape(str(m))}</td></tr>'
-                   for p, s, t, m in _iter_rows(shown, ["path", "stage", "error_type", "message"]))
+                   f'<td>{escape(str(m))}</td></tr>' for p, s, t, m in errors.first)
     table = (f'<table class="errors"><thead><tr><th>path</th><th>stage</th><th>error type</th><th>message</th></tr>'
              f'</thead><tbody>{rows}</tbody></table>')
     return head + note + table + "\n</section>"
-
-
-def _iter_rows(df: pd.DataFrame, columns: list[str]) -> Iterable[tuple]:
-    return zip(*(df[c] if c in df.columns else [""] * len(df) for c in columns))
 
 
 def _clip(text: str, width: int) -> str:

@@ -8,7 +8,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from hydra.experimental.callback import Callback
@@ -29,27 +28,31 @@ SUMMARY_SCHEMA = pa.schema([
 
 def job_rows(job: str, predictions: Path) -> list[dict[str, Any]]:
     """A row per label of one job: how many images got it, their mean score, and (with truth) its recall: the
-    share of the images truly of that label that got it."""
+    share of the images truly of that label that got it. Streams the file by row group."""
     meta = read_metadata(predictions)
-    table = pq.read_table(predictions, columns=["label", "label_index", "score", "truth"])
-    labels = np.asarray(table.column("label").to_pylist(), dtype=object)
-    scores = table.column("score").to_numpy()
-    truth = np.asarray(table.column("truth").to_pylist(), dtype=object)
-    total = len(labels)
-    unknown_share = float((table.column("label_index").to_numpy() < 0).mean()) if total else 0.0
-    names = list(meta["label_set"]["labels"]) + sorted(set(labels) - set(meta["label_set"]["labels"]))
-    known = np.array([t is not None for t in truth], dtype=bool)
-    recall = recall_by_label(Counter(zip(truth[known], labels[known])))
-    rows = []
-    for name in names:
-        mine = labels == name
-        truly = truth == name
-        rows.append({"job": job, "label_set": meta["label_set"]["name"], "label": name, "count": int(mine.sum()),
-                     "share": float(mine.mean()) if total else 0.0,
-                     "mean_score": float(scores[mine].mean()) if mine.any() else None,
-                     "unknown_share": unknown_share, "truth_count": int(truly.sum()),
-                     "recall": recall.get(name)})
-    return rows
+    counts: Counter = Counter()
+    score_sums: Counter = Counter()
+    truth_counts: Counter = Counter()
+    confusion: Counter = Counter()
+    total = unknown = 0
+    for batch in pq.ParquetFile(predictions).iter_batches(columns=["label", "label_index", "score", "truth"]):
+        labels, truths = batch.column("label").to_pylist(), batch.column("truth").to_pylist()
+        scores = batch.column("score").to_numpy()
+        total += len(labels)
+        unknown += int((batch.column("label_index").to_numpy() < 0).sum())
+        counts.update(labels)
+        for label, score in zip(labels, scores.tolist()):
+            score_sums[label] += score
+        known = [(t, p) for t, p in zip(truths, labels) if t is not None]
+        truth_counts.update(t for t, _ in known)
+        confusion.update(known)
+    recall = recall_by_label(confusion)
+    names = list(meta["label_set"]["labels"]) + sorted(set(counts) - set(meta["label_set"]["labels"]))
+    return [{"job": job, "label_set": meta["label_set"]["name"], "label": name, "count": counts[name],
+             "share": counts[name] / total if total else 0.0,
+             "mean_score": score_sums[name] / counts[name] if counts[name] else None,
+             "unknown_share": unknown / total if total else 0.0, "truth_count": truth_counts[name],
+             "recall": recall.get(name)} for name in names]
 
 
 def write_sweep_summary(sweep_dir: Path) -> Path | None:

@@ -125,3 +125,40 @@ class ResJsonWriter:
     def close(self) -> None:
         self._fh.write("\n}\n" if not self._first else "}\n")
         self._fh.close()
+
+
+def _vectors(matrix: np.ndarray) -> pa.FixedSizeListArray:
+    matrix = np.ascontiguousarray(matrix, dtype=np.float32)
+    return pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), matrix.shape[1])
+
+
+def _meta(metadata: dict[str, Any]) -> dict[bytes, str]:
+    return {METADATA_KEY: json.dumps(metadata, ensure_ascii=False, sort_keys=True)}
+
+
+class EmbeddingsWriter:
+    """embeddings.parquet: each classified image's L2-normalised embedding, row for row beside
+    predictions.parquet (same paths, same order)."""
+
+    def __init__(self, path: Path, dim: int, metadata: dict[str, Any]) -> None:
+        self.schema = pa.schema([pa.field("path", pa.string(), nullable=False),
+                                 pa.field("embedding", pa.list_(pa.float32(), dim), nullable=False)],
+                                metadata=_meta(metadata))
+        self._writer = pq.ParquetWriter(path, self.schema, compression="zstd")
+
+    def write(self, paths: Sequence[str], embeddings: np.ndarray) -> None:
+        self._writer.write_table(pa.Table.from_arrays([pa.array(paths, pa.string()), _vectors(embeddings)],
+                                                      schema=self.schema))
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+def write_label_embeddings(path: Path, labels: Sequence[str], embeddings: np.ndarray, logit_scale: float,
+                           metadata: dict[str, Any]) -> None:
+    """label_embeddings.parquet: each label's embedding (templates ensembled), with the logit scale in the
+    metadata, so that `softmax(logit_scale * image @ labels.T)` gives back `probs`."""
+    schema = pa.schema([pa.field("label", pa.string(), nullable=False),
+                        pa.field("embedding", pa.list_(pa.float32(), embeddings.shape[1]), nullable=False)],
+                       metadata=_meta({**metadata, "logit_scale": logit_scale}))
+    pq.write_table(pa.Table.from_arrays([pa.array(labels, pa.string()), _vectors(embeddings)], schema=schema), path)

@@ -10,7 +10,8 @@ Each source lists records, and reads images:
 - `read(path)` (kind `images`) returns one image's bytes; `members(path)` (kind `shards`) streams a shard's
   images. Both raise `ImageReadError`, transient unless the failure lies in the data itself (a missing file, a
   truncated shard).
-- `truth()` is the ground truth the source carries itself (a manifest's label column), or None.
+- `truth()` is the ground truth the source carries itself (a manifest's label column) as a (path, truth) table,
+  or None.
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ class Source(Protocol):
     def records(self) -> Iterator[pa.RecordBatch]:
         """Every record, in bytewise order of path."""
 
-    def truth(self) -> dict[str, str] | None:
-        """Ground truth carried by the source itself, by key."""
+    def truth(self) -> pa.Table | None:
+        """Ground truth carried by the source itself: a table of (path, truth)."""
 
 
 def batches_of(rows: Iterator[tuple[bytes, int, str]], rows_per_batch: int = BATCH_ROWS) -> Iterator[pa.RecordBatch]:

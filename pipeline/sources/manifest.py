@@ -42,8 +42,20 @@ class ManifestSource:
             check_reachable(self.remote, strip_protocol(self.location), "dataset.path (manifest)")
         elif not Path(self.location).is_file():
             raise UserError(f"manifest not found: '{self.location}' (dataset.path)")
-        self.table = self._read()
+        self._check_columns(_read_schema(self.location, self.remote))
+        self._table: pa.Table | None = None  # read when listed: a process that reuses a listing never reads it
         self._remotes: dict[str, Remote] = {}
+
+    @property
+    def table(self) -> pa.Table:
+        if self._table is None:
+            self._table = self._read()
+        return self._table
+
+    def _check_columns(self, names: list[str]) -> None:
+        if self.path_column not in names:
+            raise UserError(f"manifest {self.location} has no column '{self.path_column}' (it has {names}); name "
+                            "the image column with dataset.path_column")
 
     # ------------------------------------------------------------------------------------------------ listing
 
@@ -66,11 +78,12 @@ class ManifestSource:
                                               pa.array([r[1] for r in rows], pa.int64()),
                                               pa.array([r[2] for r in rows], pa.string())], schema=RECORDS_SCHEMA)
 
-    def truth(self) -> dict[str, str] | None:
+    def truth(self) -> pa.Table | None:
+        from ..outputs.metrics import truth_table
+
         if self.truth_column not in self.table.column_names:
             return None
-        labels = self.table.column(self.truth_column).cast(pa.string()).to_pylist()
-        return {p: t for p, t in zip(self.table.column(self.path_column).to_pylist(), labels) if t not in (None, "")}
+        return truth_table(self.table.column(self.path_column), self.table.column(self.truth_column))
 
     def _record(self, path: str, version: str | None) -> tuple[bytes, int, str]:
         key = path.encode("utf-8", "surrogateescape")
@@ -112,9 +125,7 @@ class ManifestSource:
 
     def _read(self) -> pa.Table:
         table = _read_table(self.location, self.remote)
-        if self.path_column not in table.column_names:
-            raise UserError(f"manifest {self.location} has no column '{self.path_column}' (it has "
-                            f"{table.column_names}); name the image column with dataset.path_column")
+        self._check_columns(table.column_names)
         paths = table.column(self.path_column).cast(pa.string())
         if paths.null_count:
             raise UserError(f"manifest {self.location}: {paths.null_count} rows have no '{self.path_column}'")
@@ -140,7 +151,9 @@ def _refuse_duplicates(paths: pa.ChunkedArray, location: str) -> None:
                         "each image must appear once")
 
 
-def _read_table(location: str, remote: Remote | None) -> pa.Table:
+def _read_table(location: str, remote: Remote | None, schema_only: bool = False):
+    """The whole table, or with `schema_only` only its column names (for parquet the footer; for text formats the
+    first block)."""
     import pyarrow.csv as pacsv
     import pyarrow.json as pajson
     import pyarrow.parquet as pq
@@ -152,10 +165,15 @@ def _read_table(location: str, remote: Remote | None) -> pa.Table:
     try:
         with opener() as fh:
             if suffix == ".parquet":
-                return pq.read_table(fh)
+                return pq.read_schema(fh).names if schema_only else pq.read_table(fh)
             if suffix == ".jsonl":
-                return pajson.read_json(fh)
-            delimiter = "\t" if suffix == ".tsv" else ","
-            return pacsv.read_csv(fh, parse_options=pacsv.ParseOptions(delimiter=delimiter))
+                return pajson.open_json(fh).schema.names if schema_only else pajson.read_json(fh)
+            options = pacsv.ParseOptions(delimiter="\t" if suffix == ".tsv" else ",")
+            return pacsv.open_csv(fh, parse_options=options).schema.names if schema_only else \
+                pacsv.read_csv(fh, parse_options=options)
     except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as exc:
         raise UserError(f"cannot read manifest {location}: {exc}") from None
+
+
+def _read_schema(location: str, remote: Remote | None) -> list[str]:
+    return _read_table(location, remote, schema_only=True)

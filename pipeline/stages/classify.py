@@ -12,17 +12,18 @@ import logging
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from tqdm import tqdm
 
 from .. import zeroshot
 from ..engine import Artifact, StageContext, failpoint
 from ..engine.files import read_json, write_json
 from ..outputs.metrics import MetricsAccumulator
-from ..outputs.writers import ErrorsWriter, PredictionsWriter, ResJsonWriter
+from ..progress import Progress
+from ..outputs.writers import (EmbeddingsWriter, ErrorsWriter, PredictionsWriter, ResJsonWriter,
+                               write_label_embeddings)
 from .discover import display_path
 from .encode_images import embedding_matrix, image_count, iter_chunks
 from .encode_labels import read_label_embeddings
-from .truth import read_truth
+from .truth import truth_walk
 
 log = logging.getLogger(__name__)
 
@@ -31,28 +32,35 @@ VERSION = 3
 CODE = ("pipeline.zeroshot", "pipeline.outputs.writers", "pipeline.outputs.metrics")
 COUNTS_FILE = "counts.json"
 OUTPUT_FILES = ("predictions.parquet", "errors.parquet", "res.json")
-EVALUATION_FILES = ("metrics.parquet", "confusion.parquet")  # only when ground truth is known
+# Only written when asked for (embeddings=true) or when ground truth is known.
+OPTIONAL_FILES = ("embeddings.parquet", "label_embeddings.parquet", "metrics.parquet", "confusion.parquet")
 
 
 def classify(ctx: StageContext, *, truth: Artifact, label_embeddings: Artifact, image_embeddings: Artifact,
-             labels: list[str], topk: int, min_score: float | None, unknown_label: str, metadata: dict) -> None:
-    truths = read_truth(truth)
+             labels: list[str], topk: int, min_score: float | None, unknown_label: str, metadata: dict,
+             embeddings: bool = False) -> None:
+    truths = truth_walk(truth)
     text, scale = read_label_embeddings(label_embeddings)
     predictions = PredictionsWriter(ctx.out / "predictions.parquet", labels, metadata)
     errors = ErrorsWriter(ctx.out / "errors.parquet")
     res_json = ResJsonWriter(ctx.out / "res.json")
+    vectors = EmbeddingsWriter(ctx.out / "embeddings.parquet", text.shape[1], metadata) if embeddings else None
+    if embeddings:
+        write_label_embeddings(ctx.out / "label_embeddings.parquet", labels, text, scale, metadata)
     scores = MetricsAccumulator(labels)
     decide = dict(labels=labels, topk=topk, min_score=min_score, unknown_label=unknown_label)
+    progress = Progress("classify", image_count(image_embeddings), "img", ctx.runtime.progress,
+                        ctx.runtime.progress_interval)
     try:
-        chunks = tqdm(iter_chunks(image_embeddings), total=len(image_embeddings.chunks()), unit="chunk",
-                      desc="classify", disable=not ctx.runtime.progress)
-        for chunk in chunks:
+        for chunk in iter_chunks(image_embeddings):
+            progress.update(len(chunk))
             paths = [display_path(p) for p in chunk.column("path").to_pylist()]
             ok = chunk.column("ok").to_numpy(zero_copy_only=False)
             errors.write(_error_rows(chunk, paths, ok))
             good = np.flatnonzero(ok)
             if len(good):
-                probs = zeroshot.probabilities(embedding_matrix(chunk)[good], text, scale)
+                matrix = embedding_matrix(chunk)[good]
+                probs = zeroshot.probabilities(matrix, text, scale)
                 decided = zeroshot.decide(probs, **decide)
                 good_paths = [paths[i] for i in good]
                 sizes = np.stack([chunk.column("width").to_numpy()[good], chunk.column("height").to_numpy()[good]], 1)
@@ -60,10 +68,15 @@ def classify(ctx: StageContext, *, truth: Artifact, label_embeddings: Artifact, 
                 known = [truths.get(p) or carried[i] for p, i in zip(good_paths, good)]
                 predictions.write(good_paths, decided, probs, sizes, known)
                 res_json.write(good_paths, decided.labels)
+                if vectors is not None:
+                    vectors.write(good_paths, matrix)
                 scores.add(known, decided.labels, probs)
             failpoint("classify.row_group")
     finally:
-        predictions.close(), errors.close(), res_json.close()
+        progress.close()
+        for writer in (predictions, errors, res_json, vectors):
+            if writer is not None:
+                writer.close()
     counts = {"discovered": image_count(image_embeddings), "classified": predictions.rows, "errors": errors.rows}
     if scores.total:
         pq.write_table(scores.metrics_table(), ctx.out / "metrics.parquet")

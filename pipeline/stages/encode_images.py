@@ -35,12 +35,12 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from tqdm import tqdm
 
 from ..engine import Artifact, ChunkFile, ChunkPool, Incomplete, StageContext, write_chunk_list
 from ..errors import ImageError
 from ..imaging import PreprocessSpec, load_and_preprocess, preprocess
 from ..models import LoadedModel
+from ..progress import Progress
 from .discover import Records
 from .runtime import Runtime
 
@@ -123,12 +123,41 @@ class Plan:
         return hashlib.sha256(self.identity.encode() + _record_bytes(*self.shards[group]) + b"index").hexdigest()
 
 
-def make_plan(records: Records, kind: str, chunk_size: int, identity: str) -> Plan:
+def make_plan(artifact: Artifact, kind: str, chunk_size: int, identity: str, memo: Path | None = None) -> Plan:
+    records = Records(artifact)
     if kind == "images":
-        return Plan(kind, identity, records, spans=plan_chunks(records, chunk_size, identity))
+        started = time.perf_counter()
+        spans = _memoised_spans(records, artifact.fingerprint, chunk_size, identity, memo)
+        log.info("planned %d chunks in %.2fs", len(spans), time.perf_counter() - started)
+        return Plan(kind, identity, records, spans=spans)
     table = records.table()
     shards = list(zip(*(table.column(c).to_pylist() for c in ("path", "size", "version"))))
     return Plan(kind, identity, records, shards=shards)
+
+
+SPANS_SCHEMA = pa.schema([("start", pa.int64()), ("stop", pa.int64()), ("key", pa.string())])
+
+
+def _memoised_spans(records: Records, records_fp: str, chunk_size: int, identity: str,
+                    memo: Path | None) -> list[ChunkSpan]:
+    """The chunk plan, computed once per (records, chunk size) by the first process under a lock: the others
+    (shards of a 100M-image job) read a small file instead of every record."""
+    if memo is None:
+        return plan_chunks(records, chunk_size, identity)
+    from ..engine.files import atomic_path
+    from ..engine.locks import locked
+
+    path = memo / f"{records_fp[:32]}-{chunk_size}.spans.arrow"
+    with locked(path.with_suffix(".lock")):
+        if not path.exists():
+            spans = plan_chunks(records, chunk_size, identity)
+            table = pa.table({"start": [s.start for s in spans], "stop": [s.stop for s in spans],
+                              "key": [s.key for s in spans]}, schema=SPANS_SCHEMA)
+            with atomic_path(path) as tmp, ipc.new_file(str(tmp), SPANS_SCHEMA) as writer:
+                writer.write_table(table)
+            return spans
+    table = ipc.open_file(pa.memory_map(str(path))).read_all()
+    return [ChunkSpan(*row) for row in zip(*(table.column(c).to_pylist() for c in ("start", "stop", "key")))]
 
 
 # ------------------------------------------------------------------------------------------ the stage
@@ -137,8 +166,7 @@ def encode_images(ctx: StageContext, *, records: Artifact, model: str, dtype: st
                   draft: bool, max_pixels: int, truth_member: str | None = None) -> Incomplete | None:
     params = dict(model=model, dtype=dtype, preprocess=preprocess, draft=draft, max_pixels=max_pixels,
                   truth_member=truth_member)
-    table = Records(records)
-    listed, count = fill_chunks(ctx, table, params)[0], 0
+    listed, count = fill_chunks(ctx, records, params)[0], 0
     for chunk in listed:
         count += chunk_rows(ChunkPool(ctx.pool), chunk)
     write_chunk_list(ctx.out, listed, count=count)
@@ -151,16 +179,16 @@ def encode_images(ctx: StageContext, *, records: Artifact, model: str, dtype: st
 def encode_shard(ctx: StageContext, *, records: Artifact, shard: int, shards: int, **params) -> int:
     """Encode only the groups of shard `shard` of `shards` into the stage's pool; the stage itself, run later by
     one process, finds them there. Returns the number of chunks this call encoded."""
-    return fill_chunks(ctx, Records(records), params, shard, shards)[1]
+    return fill_chunks(ctx, records, params, shard, shards)[1]
 
 
-def fill_chunks(ctx: StageContext, records: Records, params: dict, shard: int = 0,
+def fill_chunks(ctx: StageContext, records: Artifact, params: dict, shard: int = 0,
                 shards: int = 1) -> tuple[list[ChunkFile], int]:
     """Encode the chunks of this shard that the pool lacks (or holds only provisionally); returns every chunk
     of the plan that exists afterwards, in order, and how many chunks this call encoded."""
     runtime: Runtime = ctx.runtime
     pool = ChunkPool(ctx.pool)
-    plan = make_plan(records, runtime.source.kind, runtime.chunk_size, ctx.key)
+    plan = make_plan(records, runtime.source.kind, runtime.chunk_size, ctx.key, ctx.memo)
     found = pool.scan()
     mine = [g for g in range(plan.groups) if shard_of(g, shards) == shard]
     pending = {g: first for g in mine if (first := _first_pending(plan, g, found, pool)) is not None}
@@ -402,7 +430,7 @@ def _encode(plan: Plan, pending: dict[int, int], pool: ChunkPool, runtime: Runti
     total = sum(plan.spans[g].stop - plan.spans[g].start for g in pending) if plan.kind == "images" else None
     images = 0
     clock = time.perf_counter()
-    with tqdm(total=total, unit="img", desc="encode images", disable=not runtime.progress, smoothing=0.1) as bar:
+    with Progress("encode images", total, "img", runtime.progress, runtime.progress_interval) as bar:
         for group, sub, batch_no, part_no, n_parts, closes, ends, rows, pixels in items:
             clock = _lap(timing, "data_wait_seconds", clock)
             if ends is not None:

@@ -11,7 +11,7 @@ from pathlib import Path
 from ..engine import Artifact, InputCorrupt, StageContext, failpoint
 from ..engine.cache import read_manifest
 from ..engine.files import copy_atomic, remove
-from .classify import EVALUATION_FILES, OUTPUT_FILES
+from .classify import OPTIONAL_FILES, OUTPUT_FILES
 
 VERSION = 1
 
@@ -20,7 +20,7 @@ def publish(ctx: StageContext, *, results: Artifact, out_dir: str) -> None:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = read_manifest(results.path)["files"]
-    for name in EVALUATION_FILES:
+    for name in OPTIONAL_FILES:
         if name in files:
             _copy(results, name, out, files)
         else:

@@ -26,5 +26,6 @@ class Runtime:
     timeout: float = 60.0  # seconds per image; longer is a transient error, tried again by the next run
     warmup_image: str | None = None
     truth_file: Path | None = None  # where the truth table is (its content is what the truth stage hashes)
-    progress: bool = True
+    progress: bool = True  # a bar on a terminal, else a line every progress_interval seconds; rank 0 only
+    progress_interval: float = 30.0
     counters: dict = field(default_factory=dict)  # where the time went, for logs and the benchmark

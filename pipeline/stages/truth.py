@@ -23,24 +23,37 @@ def load_truth(ctx: StageContext, *, records: Artifact, mode: str, column: str, 
     """`mode`: auto (the source's own truth, e.g. a manifest's label column; else folder-per-class when every top
     folder is a label), folders, or file (`runtime.truth_file`, a location, so not hashed: this content stage is
     fingerprinted by the truth it read). Truth read with the images (tar shards) reaches classify in the chunks."""
-    carried = ctx.runtime.source.truth() if mode == "auto" else None
+    out = ctx.out / TRUTH_FILE
+    source = ctx.runtime.source
+    carried = source.truth() if mode == "auto" else None
     if carried is not None:
-        truth = carried
-    elif ctx.runtime.source.kind == "shards":
-        truth = {}
-    elif mode in ("auto", "folders"):
-        paths = [display_path(p) for batch in Records(records).batches() for p in batch.column("path").to_pylist()]
-        truth = metrics.truth_from_folders(paths, labels, forced=mode == "folders")
+        metrics.write_truth(out, carried)
+    elif mode == "file":
+        metrics.write_truth(out, metrics.truth_from_file(ctx.runtime.truth_file, column))
+    elif source.kind == "shards":
+        metrics.write_truth(out, None)
     else:
-        truth = metrics.truth_from_file(ctx.runtime.truth_file, column)
-    if truth and not set(truth.values()) & set(labels):
+        paths = ([display_path(p) for p in batch.column("path").to_pylist()] for batch in Records(records).batches())
+        metrics.write_folder_truth(paths, labels, mode == "folders", out)
+    found = _truth_labels(out)
+    if found and not found & set(labels):
         log.warning("ground truth labels (%s ...) share nothing with the label set; no metrics are computed",
-                    ", ".join(sorted(set(truth.values()))[:5]))
-        truth = {}
-    metrics.write_truth(ctx.out / TRUTH_FILE, truth)
+                    ", ".join(sorted(found)[:5]))
+        metrics.write_truth(out, None)
 
 
-def read_truth(artifact: Artifact) -> dict[str, str]:
+def _truth_labels(path) -> set[str]:
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    labels: set[str] = set()
+    for batch in pq.ParquetFile(path).iter_batches(columns=["truth"]):
+        labels |= set(pc.unique(batch.column("truth")).to_pylist())
+    return labels
+
+
+def truth_walk(artifact: Artifact) -> metrics.TruthWalk:
+    """The truth, for paths asked in path order; the file is verified against the manifest as it is read."""
     import io
 
-    return metrics.read_truth(io.BytesIO(artifact.read_bytes(TRUTH_FILE)))
+    return metrics.TruthWalk(io.BytesIO(artifact.read_bytes(TRUTH_FILE)))

@@ -116,3 +116,13 @@ def test_multirun_over_label_sets_reuses_image_embeddings(tmp_path):
                                                                         "purple", "orange"}
     log = (tmp_path / "sweep" / "1" / "classify.log").read_text()
     assert "encode_images   reused" in log
+
+
+def test_progress_in_a_log_file_is_lines_not_bars(tmp_path):
+    proc = run([sys.executable, str(JOB), "dataset=sample", "model=tiny_clip", "labels=shapes", "device=cpu",
+                "encode.num_workers=0", "progress=true", "progress_interval=0", f"hydra.run.dir={tmp_path / 'o'}",
+                f"cache_dir={tmp_path / 'c'}"])  # stdout and stderr are pipes here, as under SLURM
+    assert proc.returncode == 0, log_of(proc)
+    log = log_of(proc)
+    assert "\r" not in log and "encode images: 38/38 img (100.0%)" in log and "classify: 38/38 img" in log
+    assert "ETA 0:00:00" in log

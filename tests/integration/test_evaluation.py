@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.errors import UserError
-from pipeline.outputs.metrics import MetricsAccumulator, truth_from_file, truth_from_folders
+from pipeline.outputs.metrics import MetricsAccumulator, TruthWalk, truth_from_file, write_folder_truth, write_truth
 from pipeline.outputs.summary import write_sweep_summary
 from tests.helpers import TINY_CHINESE_CLIP, TINY_CLIP
 
@@ -47,16 +47,34 @@ def test_metrics_match_independent_computation():
         assert crosstab.loc[row.true_label, row.predicted_label] == row.count
 
 
+def _folder_truth(tmp_path, paths, labels, forced=False) -> dict:
+    out = tmp_path / "truth.parquet"
+    write_folder_truth(iter([paths[:2], paths[2:]]), labels, forced, out)
+    table = pq.read_table(out)
+    return dict(zip(table.column("path").to_pylist(), table.column("truth").to_pylist()))
+
+
 def test_truth_sources(tmp_path):
     paths = ["cat/1.jpg", "dog/2.jpg", "dog/x/3.jpg"]
-    assert truth_from_folders(paths, ["cat", "dog"], forced=False) == {"cat/1.jpg": "cat", "dog/2.jpg": "dog",
-                                                                         "dog/x/3.jpg": "dog"}
-    assert truth_from_folders(paths + ["loose.jpg"], ["cat", "dog"], forced=False) == {}
-    assert truth_from_folders(["a/1.jpg"], ["cat"], forced=False) == {}
+    assert _folder_truth(tmp_path, paths, ["cat", "dog"]) == {"cat/1.jpg": "cat", "dog/2.jpg": "dog",
+                                                              "dog/x/3.jpg": "dog"}
+    assert _folder_truth(tmp_path, paths + ["loose.jpg"], ["cat", "dog"]) == {}
+    assert _folder_truth(tmp_path, ["a/1.jpg"], ["cat"]) == {}
+    assert _folder_truth(tmp_path, ["a/1.jpg", "b.jpg"], ["cat"], forced=True) == {"a/1.jpg": "a"}
     (tmp_path / "t.csv").write_text("path,shape,color\na.jpg,circle,red\nb.jpg,,blue\n")
-    assert truth_from_file(tmp_path / "t.csv", "shape") == {"a.jpg": "circle"}
+    assert truth_from_file(tmp_path / "t.csv", "shape").to_pylist() == [{"path": "a.jpg", "truth": "circle"}]
     with pytest.raises(UserError, match="truth_column"):
         truth_from_file(tmp_path / "t.csv", "label")
+
+
+def test_truth_walk_finds_paths_asked_in_order(tmp_path):
+    import pyarrow as pa
+
+    rows = {f"img/{i:05d}.jpg": f"l{i % 7}" for i in range(0, 200_000, 3)}  # several row groups
+    write_truth(tmp_path / "t.parquet", pa.table({"path": list(rows)[::-1], "truth": list(rows.values())[::-1]}))
+    walk = TruthWalk(tmp_path / "t.parquet")
+    asked = sorted(f"img/{i:05d}.jpg" for i in range(0, 200_000, 2))  # in path order, as classify asks
+    assert [walk.get(p) for p in asked] == [rows.get(p) for p in asked]
 
 
 def test_sweep_summary_rows(compose, tmp_path):

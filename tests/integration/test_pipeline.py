@@ -245,3 +245,27 @@ def test_decode_timeout_reported_and_all_failed_chunks_handled(compose):
     assert [(k.error_type, k.count, k.transient) for k in kinds] == [("DecodeTimeout", summary.discovered, True)]
     assert kinds[0].examples == sorted(errors["path"])[:3]
     assert json.loads((summary.out_dir / "res.json").read_text()) == {}
+
+
+def test_embeddings_output_round_trips_to_the_probabilities(compose):
+    """embeddings=true: embeddings.parquet (row for row beside predictions.parquet) times the label embeddings
+    of label_embeddings.parquet, through softmax(logit_scale * ...), gives back `probs` within 1e-5."""
+    import json
+
+    summary = workflow.run(compose("labels=pairs", "embeddings=true", "encode.chunk_size=7"))
+    images = pq.read_table(summary.out_dir / "embeddings.parquet")
+    labels = pq.read_table(summary.out_dir / "label_embeddings.parquet")
+    predictions = pq.read_table(summary.out_dir / "predictions.parquet")
+    assert images.column("path").to_pylist() == predictions.column("path").to_pylist() and len(images) > 30
+    matrix = np.stack(images.column("embedding").to_numpy(zero_copy_only=False))
+    label_matrix = np.stack(labels.column("embedding").to_numpy(zero_copy_only=False))
+    assert labels.column("label").to_pylist() == read_metadata(summary.out_dir / "predictions.parquet")[
+        "label_set"]["labels"]
+    scale = json.loads(labels.schema.metadata[b"clip_pipeline"])["logit_scale"]
+    logits = scale * matrix.astype(np.float64) @ label_matrix.T.astype(np.float64)
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    assert np.abs(probs - np.stack(predictions.column("probs").to_numpy(zero_copy_only=False))).max() < 1e-5
+    assert np.allclose(np.linalg.norm(matrix, axis=1), 1, atol=1e-5)
+    again = workflow.run(compose("labels=pairs", out="plain"))  # without: no stale embeddings in the run directory
+    assert not (again.out_dir / "embeddings.parquet").exists()

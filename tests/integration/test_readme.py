@@ -141,6 +141,8 @@ def _check(command: str, proc, ws: Path) -> None:
         assert len(res) == 38 and sorted(res)[0] == f"http://127.0.0.1:{HTTP_PORT}/photos/blue_circle_00.jpg"
     elif "IMAGE=cat.jpg" in command or "--input_image cat.jpg" in command:
         _distribution(proc, ["cat", "dog"])
+    elif "OUT=results-emb EMBEDDINGS=1" in command:
+        assert len(pd.read_parquet(ws / "results-emb" / "embeddings.parquet")) == 38
     elif "OUT=results " in command:
         preds = pd.read_parquet(ws / "results" / "predictions.parquet")
         assert len(preds) == 38 and preds["topk_labels"].map(len).eq(2).all() and (ws / "cache").is_dir()
@@ -189,15 +191,20 @@ def test_every_readme_command_is_checked(workspace):
         proc = _shell(workspace, command)
         _check(command, proc, workspace)
         ran.append(command)
-    assert len(ran) == len(readme_commands()) - len(NOT_RUN_HERE) >= 19
+    assert len(ran) == len(readme_commands()) - len(NOT_RUN_HERE) >= 20
 
 
 def test_readme_python_snippets(workspace):
+    """Run after the commands (the module's first test): the snippets read what they wrote."""
+    outputs = []
     for block in blocks("python"):
         proc = subprocess.run([str(ROOT / ".venv" / "bin" / "python"), "-c", block], cwd=workspace, env=ENV,
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr
-        assert "label" in proc.stdout and "count_star()" in proc.stdout
+        outputs.append(proc.stdout)
+    assert len(outputs) == 2 and "count_star()" in outputs[0]
+    max_diff = float(outputs[1].splitlines()[0])
+    assert max_diff < 1e-5 and "cos" in outputs[1]
 
 
 def test_slurm_template_composes():

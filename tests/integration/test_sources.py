@@ -172,9 +172,10 @@ def test_http_404_and_unreachable_hosts_are_error_rows(compose, tmp_path):
     (lambda tmp, s3: "s3://no-such-bucket/prefix/", "bucket 'no-such-bucket' does not exist"),
 ])
 def test_global_problems_stop_before_any_image_is_read(compose, tmp_path, s3_env, monkeypatch, make, message):
-    from pipeline.stages import discover
+    from pipeline.stages import encode_images, encode_labels
 
-    monkeypatch.setattr(discover, "discover", lambda *a, **k: pytest.fail("an image was read"))
+    for module, name in ((encode_images, "encode_images"), (encode_labels, "encode_labels")):
+        monkeypatch.setattr(module, name, lambda *a, **k: pytest.fail("the model ran or an image was read"))
     with pytest.raises(UserError, match=message):
         workflow.run(compose(f"dataset.path={make(tmp_path, s3_env)}", "dataset.truth=null"))
 
@@ -225,3 +226,22 @@ def test_tar_shards_are_split_between_processes_by_shard(compose, tmp_path):
     assert (merged.out_dir / "res.json").read_bytes() == (reference.out_dir / "res.json").read_bytes()
     assert pq.read_table(merged.out_dir / "predictions.parquet").equals(
         pq.read_table(reference.out_dir / "predictions.parquet"))
+
+
+def test_shard_jobs_share_one_listing_by_name(compose, tmp_path):
+    """Shard jobs given one dataset.listing list the folder once (the first); a run without it lists again and
+    sees what changed since."""
+    folder = tmp_path / "photos"
+    shutil.copytree(SAMPLE_IMAGES, folder)
+    args = (*RUN, f"dataset.path={folder}", "encode.chunk_size=8")
+    first = workflow.run(compose(*args, "shard.index=0", "shard.count=2", "dataset.listing=job-42", out="s0"))
+    assert statuses(first)["discover"] == "changed"
+    shutil.copy(IMAGES[0], folder / "added-later.jpg")  # after the listing: not part of this job
+    second = workflow.run(compose(*args, "shard.index=1", "shard.count=2", "dataset.listing=job-42", out="s1"))
+    assert statuses(second)["discover"] == "reused"
+    merged = workflow.run(compose(*args, "dataset.listing=job-42", out="merge"))
+    assert statuses(merged)["discover"] == "reused" and merged.discovered == len(IMAGES)
+    assert merged.counters["images_encoded"] == 0
+    fresh = workflow.run(compose(*args, out="fresh"))  # no listing name: list again, notice the new file
+    assert statuses(fresh)["discover"] == "changed" and fresh.discovered == len(IMAGES) + 1
+    assert fresh.counters["chunks_encoded"] <= 2  # only the chunks around the new file

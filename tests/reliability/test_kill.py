@@ -184,3 +184,28 @@ def test_kill_mid_encoding_on_tar_shards_and_a_bucket(dataset, tmp_path, kind, r
     encoded = re.search(r"encoded (\d+) images in (\d+) chunks", log_of(rerun))
     assert encoded and int(encoded.group(1)) == len(images) - already  # no image encoded twice
     assert leftovers(tmp_path / "cache") == []
+
+
+def test_corrupt_chunk_found_by_a_streamed_classify_is_recomputed_alone(dataset, tmp_path):
+    """Bit rot in one chunk (same size, same mtime): the reuse check (stat) passes, classify finds it as it
+    reads, that chunk alone is encoded again, and the outputs equal a clean run's."""
+    import os
+
+    ref = run_job(job_command(dataset, tmp_path / "ref", tmp_path / "ref-cache", *ARGS[:-1], "labels=colors"))
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    first = run_job(job_command(dataset, tmp_path / "out", tmp_path / "cache", *ARGS))
+    assert first.returncode == 0
+    chunks = sorted((tmp_path / "cache" / "encode_images" / "pool").glob("*/*/*.chunk"))
+    victim = chunks[len(chunks) // 2]
+    st = victim.stat()
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
+    STATS["faults injected"] += 1
+    rerun = run_job(job_command(dataset, tmp_path / "out2", tmp_path / "cache", *ARGS[:-1], "labels=colors"))
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    log = log_of(rerun)
+    assert "is corrupt" in log and "checksum mismatch" in log
+    assert re.search(r"encoded \d+ images in 1 chunks; \d+ chunks reused", log)
+    assert compare_outputs(tmp_path / "out2", tmp_path / "ref") == []

@@ -58,6 +58,7 @@ ALTERNATIVES = {
     "dataset.format": ("mixed", "tar"), "dataset.path_column": ([], "file"),
     "dataset.truth": ([], None), "dataset.truth_column": ([], "color"), "dataset.truth_member": ("tar", "cls"),
     "dataset.storage_options": ([], "{anon:true}"), "dataset.retries": ([], "1"), "dataset.io_timeout": ([], "5"),
+    "dataset.listing": ([], "job-7"),
     "device.type": ([], "auto"), "device.dtype": ([], "int8"), "device.index": ([], "0"),
     "device.cpu_half": (["device.dtype=bf16"], "true"),
     "encode.batch_size": ([], "3"), "encode.num_workers": ([], "2"), "encode.chunk_size": ([], "7"),
@@ -67,7 +68,8 @@ ALTERNATIVES = {
     "parity.min_cosine": ([], "0.5"), "parity.min_top1_agreement": ([], "0.5"),
     "parity.reference_batch_size": ([], "3"), "shard.index": (["shard.count=2"], "1"), "shard.count": ([], "2"),
     "shard.timeout_hours": ([], "1"), "output_dir": ([], "elsewhere"), "cache_dir": ([], "elsewhere"),
-    "cache_lock": ([], "soft"), "progress": ([], "true"), "report": ([], "false"),
+    "cache_lock": ([], "soft"), "progress": ([], "true"), "report": ([], "false"), "embeddings": ([], "true"),
+    "progress_interval": ([], "5"),
 }
 
 

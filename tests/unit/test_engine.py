@@ -294,3 +294,18 @@ def test_node_local_flock_mounts_use_soft_locks(tmp_path, monkeypatch):
 
     assert isinstance(locks.make_lock(tmp_path / "lustre" / "cache" / "x.lock"), filelock.SoftFileLock)
     assert not isinstance(locks.make_lock(tmp_path / "x.lock"), filelock.SoftFileLock)
+
+
+def test_content_stage_shared_by_a_token_runs_once(tmp_path):
+    """Shard processes of one job list the dataset once: the first under the token runs the content stage, the
+    others reuse its entry; another token (a later job) runs it again and sees the world as it is then."""
+    calls, sink_log, value = Calls(), [], {"v": "3"}
+    first = Runner(tmp_path, reuse_tokens={"source": "job-1"})
+    first.run(_stages(calls, lambda: value["v"], 2, sink_log))
+    value["v"] = "4"  # the world changes after the listing
+    second = Runner(tmp_path, reuse_tokens={"source": "job-1"})
+    second.run(_stages(calls, lambda: value["v"], 2, sink_log))
+    assert calls.count["source"] == 1 and [r.status for r in second.reports][0] == "reused" and sink_log == ["6", "6"]
+    later = Runner(tmp_path, reuse_tokens={"source": "job-2"})
+    later.run(_stages(calls, lambda: value["v"], 2, sink_log))
+    assert calls.count["source"] == 2 and sink_log[-1] == "8"
