@@ -22,7 +22,8 @@ install: $(STAMP) ## Create .venv with the project (editable) and its test extra
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# Exact version first: pip takes the CPU wheel from this disk, never a CUDA build.
+	# Exact version first: pip takes the CPU wheel from this disk, never a CUDA build. pyproject.toml asks only
+	# torch>=2.6, so the project's install below keeps this torch (as it keeps a CUDA or NPU one elsewhere).
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
@@ -42,7 +43,7 @@ reliability: $(STAMP) ## Fault-injection suite in full: 24 kill points, image zo
 bench: $(STAMP) ## Benchmark: ours vs vision-tower ceiling vs HF pipeline vs hardware limit (about 9 min on 2 cores)
 	$(PY) jobs/bench.py $(ARGS)
 
-scale: $(STAMP) ## Memory, time and bytes read at 100k, 1M and 10M images (about 40 min on 2 cores)
+scale: $(STAMP) ## Memory, time and bytes read at 100k, 1M and 10M images (about 30 min on 2 cores)
 	$(PY) jobs/scale.py $(ARGS)
 
 # NPROC=n: n data-parallel processes through torchrun (one per device); all ranks share one run directory.
@@ -53,21 +54,21 @@ else
 LAUNCH = $(PY)
 endif
 
-classify: $(STAMP) ## make classify DATASET=dir|IMAGE=file MODEL=dir [LABELS=file|LABEL_LIST="a,b"] [TEMPLATE=..] [OUT=dir] [DEVICE=..] [DTYPE=..] [BATCH=n] [TOPK=n] [CACHE=dir] [EMBEDDINGS=1] [NPROC=n] [ARGS=..]
+classify: $(STAMP) ## make classify DATASET=dir|IMAGE=file MODEL=dir [LABELS=file|LABEL_LIST="a,b"] [TEMPLATE=..] [OUT=dir] [DEVICE=..] [DTYPE=..] [RUNTIME=..] [BATCH=n] [TOPK=n] [CACHE=dir] [EMBEDDINGS=1] [NPROC=n] [ARGS=..]
 	$(LAUNCH) jobs/classify.py \
 	  $(call flag,--dataset_path,$(DATASET)) $(call flag,--input_image,$(IMAGE)) \
 	  $(call flag,--model_path,$(MODEL)) $(call flag,--label_file,$(LABELS)) \
 	  $(call flag,--label_list,$(LABEL_LIST)) $(call flag,--input_text,$(TEMPLATE)) \
 	  $(call flag,--results_save_path,$(OUT)) $(call flag,--device,$(DEVICE)) \
-	  $(call flag,--dtype,$(DTYPE)) $(call flag,--batch_size,$(BATCH)) \
+	  $(call flag,--dtype,$(DTYPE)) $(call flag,--runtime,$(RUNTIME)) $(call flag,--batch_size,$(BATCH)) \
 	  $(call flag,--topk,$(TOPK)) $(call flag,--cache_dir,$(CACHE)) $(if $(EMBEDDINGS),embeddings=true) $(ARGS)
 
-precision: $(STAMP) ## make precision MODEL=dir DATASET=dir [DEVICE=..] [DTYPE=..] [BATCH=n] [ARGS=..]: device vs fp32 CPU
+precision: $(STAMP) ## make precision MODEL=dir DATASET=dir [DEVICE=..] [DTYPE=..] [RUNTIME=..] [BATCH=n] [ARGS=..]: vs torch fp32 CPU
 	$(PY) jobs/precision.py \
 	  $(call flag,--dataset_path,$(DATASET)) $(call flag,--model_path,$(MODEL)) \
 	  $(call flag,--label_file,$(LABELS)) $(call flag,--label_list,$(LABEL_LIST)) \
 	  $(call flag,--results_save_path,$(OUT)) $(call flag,--device,$(DEVICE)) \
-	  $(call flag,--dtype,$(DTYPE)) $(call flag,--batch_size,$(BATCH)) $(ARGS)
+	  $(call flag,--dtype,$(DTYPE)) $(call flag,--runtime,$(RUNTIME)) $(call flag,--batch_size,$(BATCH)) $(ARGS)
 
 report: $(STAMP) ## Rebuild report.html of an earlier run: make report RUN=dir
 	$(PY) jobs/report.py $(call sq,$(RUN))

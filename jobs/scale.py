@@ -1,4 +1,4 @@
-"""`make scale`: peak memory, wall time and bytes read at 100k, 1M and 10M images (about 40 minutes on 2 cores).
+"""`make scale`: peak memory, wall time and bytes read at 100k, 1M and 10M images (about 30 minutes on 2 cores).
 
     python jobs/scale.py [--out outputs/scale] [--shards 100000,10000000] [--whole 1000000] [--keep]
 

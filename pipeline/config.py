@@ -43,10 +43,18 @@ class DeviceType(enum.Enum):
 
 
 class DType(enum.Enum):
+    auto = "auto"  # fp32 on a CPU; bf16 on an accelerator that has it, else fp16
     fp32 = "fp32"
     fp16 = "fp16"
     bf16 = "bf16"
-    int8 = "int8"  # CPU only: Linear weights int8 (dynamic quantisation), activations fp32
+    int8 = "int8"  # CPU only, vision tower: static (onnxruntime, openvino) or dynamic (torch) int8 quantisation
+
+
+class InferenceRuntime(enum.Enum):
+    auto = "auto"
+    torch = "torch"
+    onnxruntime = "onnxruntime"
+    openvino = "openvino"
 
 
 @dataclass
@@ -56,6 +64,11 @@ class ModelConfig:
     name: Optional[str] = _key(RESULT)  # shown in outputs' metadata and reports; default: the folder's name
     # *.bin weights can run code when unpickled: off unless you trust the source.
     allow_pickle: bool = _key(RUNTIME, False)
+    # What runs the towers: torch, or an export for onnxruntime or openvino (CPU, opt-in: faster, but their memory
+    # grew with the run's size; README "Performance"). auto: torch.
+    runtime: InferenceRuntime = _key(RESULT, InferenceRuntime.auto)
+    # int8 with onnxruntime or openvino: images its activation ranges are calibrated on (the dataset's first ones)
+    calibration_images: int = _key(RESULT, 64)
 
 
 @dataclass
@@ -93,29 +106,46 @@ class DatasetConfig:
 @dataclass
 class DeviceConfig:
     type: DeviceType = _key(RUNTIME, DeviceType.auto)
-    dtype: DType = _key(RESULT, DType.fp32)
+    dtype: DType = _key(RESULT, DType.auto)
     index: Optional[int] = _key(RUNTIME)
     cpu_half: bool = _key(RESULT, False)  # run fp16/bf16 on a CPU anyway (slow there; for parity checks only)
 
 
 @dataclass
 class EncodeConfig:
-    batch_size: int = _key(RUNTIME, 8)
-    num_workers: Optional[int] = _key(RUNTIME)  # null: chosen from the CPU count and the device
+    batch_size: Optional[int] = _key(RUNTIME)  # null: 8 on a CPU, 128 on an accelerator
+    # null: adapted while the run goes (see pipeline/stages/encode_images.py WorkerTuner); a number fixes it
+    num_workers: Optional[int] = _key(RUNTIME)
     chunk_size: int = _key(RUNTIME, 1024)  # mean images per checkpoint chunk: what a crash can cost
     warmup_image: Optional[str] = _key(RUNTIME)  # null: a built-in image
+    compile: bool = _key(RUNTIME, False)  # torch.compile the vision tower (CUDA graphs on CUDA); costs a first call
+
+
+class Backend(enum.Enum):
+    auto = "auto"  # pil on a CPU (bit-equal to the HF processor); device next to an accelerator (fast)
+    pil = "pil"  # our replica of the HF processor, in the decode workers
+    device = "device"  # workers decode; resize, crop and normalisation run as torch ops on the model's device
 
 
 @dataclass
 class PreprocessConfig:
-    draft: bool = _key(RESULT, False)  # reduced-scale JPEG decoding: faster, not bit-equal to the HF processor
+    backend: Backend = _key(RESULT, Backend.auto)
+    # Reduced-scale JPEG decoding: faster, not bit-equal to the HF processor. null: on next to an accelerator.
+    draft: Optional[bool] = _key(RESULT)
     max_pixels: int = _key(RESULT, DEFAULT_MAX_PIXELS)
     # Seconds per image; an image that takes longer is listed as a (transient) error and tried again next run.
     timeout: float = _key(RUNTIME, 60.0)
 
 
+class Mode(enum.Enum):
+    single = "single"  # one label per image (softmax or sigmoid scores)
+    multilabel = "multilabel"  # every label scoring classify.threshold or more (sigmoid families)
+
+
 @dataclass
 class ClassifyConfig:
+    mode: Mode = _key(RESULT, Mode.single)
+    threshold: float = _key(RESULT, 0.5)  # multilabel: the score a label needs
     topk: int = _key(RESULT, 5)
     min_score: Optional[float] = _key(RESULT)  # best score below this: label `unknown_label` (scores still written)
     unknown_label: str = _key(RESULT, "unknown")
@@ -202,6 +232,7 @@ FLAG_OVERRIDES = {
     "--results_save_path": ("hydra.run.dir",),
     "--device": ("device.type",),
     "--dtype": ("device.dtype",),
+    "--runtime": ("model.runtime",),
     "--batch_size": ("encode.batch_size",),
     "--topk": ("classify.topk",),
     "--cache_dir": ("cache_dir",),

@@ -62,15 +62,59 @@ def _require_npu() -> None:
                         "and the driver); choose another device.type")
 
 
-def resolve(device_type: str, dtype: str, index: int | None = None, cpu_half: bool = False) -> DeviceChoice:
+def _accelerator(device_type: str):
+    return getattr(torch, device_type)
+
+
+def visible_gpus_unused() -> str | None:
+    """A note when the machine has an NVIDIA GPU that this torch cannot use (a CPU build of torch in the
+    environment): `auto` would otherwise run on the CPU without a word."""
+    if torch.cuda.is_available():
+        return None
+    gpus = sorted(os.listdir("/proc/driver/nvidia/gpus")) if os.path.isdir("/proc/driver/nvidia/gpus") else []
+    if not gpus:
+        return None
+    return (f"{len(gpus)} NVIDIA GPU(s) on this machine, but this torch ({torch.__version__}) cannot use them "
+            "(a CPU build, or a CUDA mismatch): running on the CPU. Install a CUDA build of torch into this "
+            "environment to use them")
+
+
+def supports_bf16(device_type: str) -> bool:
+    if device_type == "cpu":
+        return True
+    return bool(_accelerator(device_type).is_bf16_supported())
+
+
+def default_dtype(device_type: str) -> str:
+    """fp32 on a CPU (half precision runs slower there); on an accelerator bf16 where the chip has it (an H100
+    or an Ascend 910B does; a V100 or a 910A does not), else fp16."""
+    if device_type == "cpu":
+        return "fp32"
+    return "bf16" if supports_bf16(device_type) else "fp16"
+
+
+def device_index(device_type: str, local_rank: int | None) -> int | None:
+    """This rank's device among those it sees: LOCAL_RANK when each rank sees all of a node's devices, 0 when
+    each sees only its own (CUDA_VISIBLE_DEVICES, ASCEND_RT_VISIBLE_DEVICES, SLURM --gpus-per-task)."""
+    if local_rank is None or device_type == "cpu":
+        return local_rank if device_type != "cpu" else None
+    count = int(_accelerator(device_type).device_count())
+    return local_rank % count if count else 0
+
+
+def resolve(device_type: str, dtype: str, index: int | None = None, cpu_half: bool = False,
+            local_rank: int | None = None) -> DeviceChoice:
     """Resolve `auto` and validate the pair; fp16/bf16 on a CPU fall back to fp32 with a warning unless
-    `cpu_half` (precision checks) asks for them anyway."""
+    `cpu_half` (precision checks) asks for them anyway. `index` names the device; else a torchrun rank's
+    `local_rank` picks it among those visible."""
     if device_type not in DEVICE_TYPES:
         raise UserError(f"device.type={device_type!r} is not one of {', '.join(DEVICE_TYPES)}")
-    if dtype not in DTYPES:
-        raise UserError(f"device.dtype={dtype!r} is not one of {', '.join(DTYPES)}")
+    if dtype not in DTYPES and dtype != "auto":
+        raise UserError(f"device.dtype={dtype!r} is not one of auto, {', '.join(DTYPES)}")
     if device_type == "auto":
         device_type = "npu" if _npu_available() else "cuda" if torch.cuda.is_available() else "cpu"
+        if device_type == "cpu" and (note := visible_gpus_unused()):
+            log.warning("%s", note)
     if dtype == "int8" and device_type != "cpu":
         raise UserError(f"device.dtype=int8 (dynamic quantisation) runs on the CPU only, not on {device_type}; "
                         "use fp16 or bf16 there")
@@ -79,9 +123,16 @@ def resolve(device_type: str, dtype: str, index: int | None = None, cpu_half: bo
                         f"{torch.__version__}); use device.type=cpu or auto")
     elif device_type == "npu":
         _require_npu()
+    if dtype == "auto":
+        dtype = default_dtype(device_type)
+    if dtype == "bf16" and not supports_bf16(device_type):
+        raise UserError(f"device.dtype=bf16: this {device_type} device has no bfloat16 support (e.g. a V100, an "
+                        "Ascend 910A); use device.dtype=fp16 or auto")
     if device_type == "cpu" and dtype in ("fp16", "bf16") and not cpu_half:
         # Measured on AVX2 CPUs: fp16/bf16 matmuls run 5-70x slower than fp32, and gain no memory that matters.
         log.warning("device.dtype=%s on the CPU is slower than fp32 and less precise; using fp32", dtype)
         dtype = "fp32"
+    if index is None:
+        index = device_index(device_type, local_rank)
     device = torch.device(device_type if index is None or device_type == "cpu" else f"{device_type}:{index}")
     return DeviceChoice(device, dtype)

@@ -3,8 +3,7 @@
 Sharding is by checkpoint chunk (chunk k belongs to shard k % count), so each shard writes the very chunks a
 one-process run would write, with the same batches inside them: the merged outputs are identical, and a rerun
 after any failure skips every chunk that was finished, whichever shard made it. Under torchrun the shards are the
-ranks (backend from the device: gloo on CPU, nccl on CUDA, hccl on NPU) and rank 0 merges once all ranks pass a
-barrier; as independent jobs (`shard.index`, `shard.count`, e.g. a SLURM array) a final ordinary run merges.
+ranks and rank 0 merges once all ranks pass a barrier; as independent jobs (`shard.index`, `shard.count`, e.g. a SLURM array) a final ordinary run merges.
 The cache directory must be shared by all shards (one filesystem, e.g. NFS/Lustre on a cluster).
 """
 
@@ -19,7 +18,10 @@ from .errors import UserError
 
 log = logging.getLogger(__name__)
 
-BACKENDS = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}
+# The ranks exchange no tensor, only a barrier: gloo serves every device. NCCL would warn that its barrier may
+# hang on device 0, HCCL would allocate it on npu:0 from every rank and give up after HCCL_CONNECT_TIMEOUT
+# (120 s) when ranks arrive minutes apart, as uneven shards do.
+BACKEND = "gloo"
 
 
 @dataclass(frozen=True)
@@ -62,16 +64,28 @@ def listing_token(shard: Shard, configured: str | None) -> str | None:
     return None
 
 
-def init(shard: Shard, device_type: str, timeout_hours: float) -> None:
-    """Join the torchrun process group (the barrier waits for the slowest shard, hence a long timeout)."""
+def init(shard: Shard, device, timeout_hours: float) -> None:
+    """Bind this rank to its device, then join the torchrun process group (gloo; the barrier waits for the
+    slowest shard, hence a long timeout)."""
     if not shard.distributed:
         return
     import torch.distributed as dist
 
+    bind_device(device)
     if not dist.is_initialized():
-        backend = BACKENDS[device_type]
-        log.info("rank %d/%d joining process group (%s)", shard.index, shard.count, backend)
-        dist.init_process_group(backend, timeout=datetime.timedelta(hours=timeout_hours))
+        log.info("rank %d/%d joining process group (%s) on %s", shard.index, shard.count, BACKEND, device)
+        dist.init_process_group(BACKEND, timeout=datetime.timedelta(hours=timeout_hours))
+
+
+def bind_device(device) -> None:
+    """Make `device` the current one of this process, as collectives and allocations without an explicit
+    device expect."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    elif device.type == "npu":
+        torch.npu.set_device(device)
 
 
 def barrier(shard: Shard) -> None:

@@ -15,11 +15,15 @@ import math
 import os
 import warnings
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageOps
 
 from .errors import ImageDecodeError, ImageError, UserError
+
+if TYPE_CHECKING:  # workers import this module; torch only where a batch goes to a device
+    import torch
 
 # Pillow's own bomb limit is ~89 Mpx with a warning and an error at twice that; we enforce one explicit limit.
 DEFAULT_MAX_PIXELS = 178_956_970
@@ -27,7 +31,8 @@ DEFAULT_MAX_PIXELS = 178_956_970
 
 @dataclass(frozen=True)
 class PreprocessSpec:
-    """The processor settings that decide the pixel values (and so the cache fingerprint)."""
+    """The processor settings that decide the pixel values (and so the cache fingerprint): those of the CLIP,
+    Chinese-CLIP, SigLIP and EfficientNet (ALIGN) image processors."""
 
     shortest_edge: int | None
     resize_hw: tuple[int, int] | None
@@ -36,6 +41,8 @@ class PreprocessSpec:
     rescale_factor: float | None
     mean: tuple[float, float, float] | None
     std: tuple[float, float, float] | None
+    rescale_offset: bool = False  # EfficientNet: x * rescale_factor - 1
+    top_std: tuple[float, float, float] | None = None  # EfficientNet's include_top: divide by std once more
 
     @classmethod
     def from_hf(cls, processor) -> "PreprocessSpec":
@@ -50,16 +57,19 @@ class PreprocessSpec:
             else:
                 raise UserError(f"unsupported image processor size {size!r}: expected shortest_edge or height+width")
         crop_hw = None
-        if processor.do_center_crop:
+        if getattr(processor, "do_center_crop", False):
             crop_hw = (int(processor.crop_size.height), int(processor.crop_size.width))
+        normalize = getattr(processor, "do_normalize", False)
         return cls(
             shortest_edge=shortest,
             resize_hw=resize_hw,
             crop_hw=crop_hw,
             resample=int(processor.resample),
             rescale_factor=float(processor.rescale_factor) if processor.do_rescale else None,
-            mean=tuple(float(x) for x in processor.image_mean) if processor.do_normalize else None,
-            std=tuple(float(x) for x in processor.image_std) if processor.do_normalize else None,
+            mean=_triple(processor.image_mean) if normalize else None,
+            std=_triple(processor.image_std) if normalize else None,
+            rescale_offset=bool(getattr(processor, "rescale_offset", False)) and bool(processor.do_rescale),
+            top_std=_triple(processor.image_std) if getattr(processor, "include_top", False) else None,
         )
 
     def to_dict(self) -> dict:
@@ -157,6 +167,11 @@ def _sixteen_bit_to_l(img: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(arr * (255.0 / peak)), 0, 255).astype(np.uint8), mode="L")
 
 
+def _triple(values) -> tuple[float, float, float]:
+    values = [float(x) for x in (values if isinstance(values, (list, tuple)) else [values] * 3)]
+    return tuple(values)
+
+
 def preprocess(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
     """RGB PIL image -> float32 array (3, H, W), equal to the HF PIL-backend processor's pixel_values."""
     target = spec.resize_target(img.width, img.height)
@@ -167,9 +182,123 @@ def preprocess(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
         arr = center_crop(arr, *spec.crop_hw)
     out = arr.astype(np.float64) * spec.rescale_factor if spec.rescale_factor is not None else arr
     out = out.astype(np.float32)
+    if spec.rescale_offset:
+        out -= 1
     if spec.mean is not None:
         out = (out - np.asarray(spec.mean, dtype=np.float32)) / np.asarray(spec.std, dtype=np.float32)
+    if spec.top_std is not None:
+        out = out / np.asarray(spec.top_std, dtype=np.float32)
     return np.ascontiguousarray(out.transpose(2, 0, 1))
+
+
+class Preprocessor:
+    """Decoded image -> model inputs, in one of three ways (`params`, hashed into fingerprints, names which, and
+    rebuilds the preprocessor in a worker):
+
+    - "spec": our own code replicating the HF processor (`PreprocessSpec`; tested for equal pixels), on the CPU;
+    - "device": the same steps as torch ops on the model's device (workers send the decoded 8-bit image; resize,
+      crop and normalisation run there: fast next to an accelerator, not bit-equal to the HF processor);
+    - "hf": the HF processor itself after our decoding, where the inputs are more than pixels (SigLIP2's NaFlex
+      patches, masks and shapes)."""
+
+    def __init__(self, spec: PreprocessSpec | None = None, processor=None, on_device: bool = False) -> None:
+        self.spec, self.processor, self.on_device = spec, processor, on_device
+
+    @classmethod
+    def from_hf(cls, processor, own: bool, on_device: bool = False) -> "Preprocessor":
+        if not own:
+            return cls(processor=processor)
+        return cls(spec=PreprocessSpec.from_hf(processor), on_device=on_device)
+
+    @property
+    def params(self) -> dict:
+        if self.spec is not None:
+            return {"kind": "device" if self.on_device else "spec", **self.spec.to_dict()}
+        return {"kind": "hf", "class": type(self.processor).__name__, "settings": _plain(self.processor.to_dict())}
+
+    @classmethod
+    def from_params(cls, params: dict) -> "Preprocessor":
+        params = dict(params)
+        kind = params.pop("kind")
+        if kind in ("spec", "device"):
+            return cls(spec=PreprocessSpec.from_dict(params), on_device=kind == "device")
+        import transformers
+
+        return cls(processor=getattr(transformers, params["class"]).from_dict(params["settings"]))
+
+    def draft_for(self) -> PreprocessSpec | None:
+        return self.spec  # draft decoding needs the resize target: only our own preprocessing knows it
+
+    def apply(self, img: Image.Image) -> np.ndarray | dict[str, np.ndarray]:
+        """What a worker sends for one decoded image: pixel values, the 8-bit image itself (on-device
+        preprocessing), or the HF processor's arrays."""
+        if self.on_device:
+            return np.asarray(img, dtype=np.uint8)  # (H, W, 3): a quarter of float32's bytes, any size
+        if self.spec is not None:
+            return preprocess(img, self.spec)
+        out = self.processor(images=[img], return_tensors="np")
+        return {key: np.asarray(value[0]) for key, value in out.items()}
+
+    def on(self, images: list, device) -> torch.Tensor:
+        """On-device preprocessing of a batch of 8-bit images (H, W, 3), of any sizes, into pixel values."""
+        import torch
+
+        return torch.stack([torch_preprocess(torch.as_tensor(a).to(device, non_blocking=True), self.spec)
+                            for a in images])
+
+
+_TORCH_MODES = {0: "nearest", 2: "bilinear", 3: "bicubic"}  # PIL resample filters -> torch interpolation
+
+
+def torch_preprocess(image, spec: PreprocessSpec):
+    """One 8-bit (H, W, 3) image tensor -> float32 (3, H', W') pixel values, with torch ops on its device:
+    antialiased resize (the PIL filter's torch counterpart), centre crop (zero-padded), rescale, normalise."""
+    import torch
+    import torch.nn.functional as F
+
+    x = image.permute(2, 0, 1).unsqueeze(0).float()
+    target = spec.resize_target(int(x.shape[3]), int(x.shape[2]))
+    if target is not None and target != (int(x.shape[3]), int(x.shape[2])):
+        mode = _TORCH_MODES.get(spec.resample, "bicubic")
+        x = F.interpolate(x, size=(target[1], target[0]), mode=mode, antialias=mode != "nearest",
+                          align_corners=False if mode != "nearest" else None)
+        x = x.clamp(0, 255).round()  # the HF processor resizes an 8-bit image: its result is 8-bit again
+    if spec.crop_hw is not None:
+        x = _torch_center_crop(x, *spec.crop_hw)
+    if spec.rescale_factor is not None:
+        x = x * spec.rescale_factor
+    if spec.rescale_offset:
+        x = x - 1
+    if spec.mean is not None:
+        mean = torch.tensor(spec.mean, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(spec.std, device=x.device).view(1, 3, 1, 1)
+        x = (x - mean) / std
+    if spec.top_std is not None:
+        x = x / torch.tensor(spec.top_std, device=x.device).view(1, 3, 1, 1)
+    return x[0]
+
+
+def _torch_center_crop(x, crop_h: int, crop_w: int):
+    """`center_crop` for an (N, C, H, W) tensor, zero-padding as HF does when the image is smaller."""
+    import torch.nn.functional as F
+
+    height, width = int(x.shape[2]), int(x.shape[3])
+    if crop_h > height or crop_w > width:
+        new_h, new_w = max(crop_h, height), max(crop_w, width)
+        top, left = math.ceil((new_h - height) / 2), math.ceil((new_w - width) / 2)
+        x = F.pad(x, (left, new_w - width - left, top, new_h - height - top))
+        height, width = new_h, new_w
+    top, left = (height - crop_h) // 2, (width - crop_w) // 2
+    return x[:, :, top:top + crop_h, left:left + crop_w]
+
+
+def _plain(value):
+    """The processor's settings as plain JSON (tuples as lists, enums as their values)."""
+    import enum
+    import json
+
+    return json.loads(json.dumps(value, default=lambda v: v.value if isinstance(v, enum.Enum) else str(v),
+                                 sort_keys=True))
 
 
 def center_crop(arr: np.ndarray, crop_h: int, crop_w: int) -> np.ndarray:
@@ -186,16 +315,17 @@ def center_crop(arr: np.ndarray, crop_h: int, crop_w: int) -> np.ndarray:
     return padded[max(0, top):min(new_h, top + crop_h), max(0, left):min(new_w, left + crop_w)]
 
 
-def load_and_preprocess(data: bytes, spec: PreprocessSpec, *, draft: bool = False,
-                        max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, tuple[int, int]]:
-    """Decode + preprocess one image's bytes; returns the pixel array and the decoded (oriented) width and
-    height."""
-    img = decode_bytes(data, max_pixels=max_pixels, draft_for=spec if draft else None)
+def load_and_preprocess(data: bytes, spec: PreprocessSpec | Preprocessor, *, draft: bool = False,
+                        max_pixels: int = DEFAULT_MAX_PIXELS):
+    """Decode + preprocess one image's bytes; returns the model inputs (a pixel array, or a dict of arrays)
+    and the decoded (oriented) width and height."""
+    preprocessor = spec if isinstance(spec, Preprocessor) else Preprocessor(spec=spec)
+    img = decode_bytes(data, max_pixels=max_pixels, draft_for=preprocessor.draft_for() if draft else None)
     size = img.size
     if draft:
         # Report the image's true size, not the reduced decode size.
         size = _full_size(data)
-    return preprocess(img, spec), size
+    return preprocessor.apply(img), size
 
 
 def _full_size(data: bytes) -> tuple[int, int]:

@@ -114,13 +114,15 @@ def build_label_set(name: str, items: str | Sequence[Any] | None, file: str | No
     return LabelSet(name=name, labels=tuple(labels), templates=tuple(chosen), texts=tuple(t for _, t in pairs))
 
 
-def check_language(label_set: LabelSet, takes_chinese: bool, model_path: str) -> None:
-    """English CLIP's tokenizer accepts any bytes but the model never learned Chinese: refuse, early."""
+def check_language(label_set: LabelSet, takes_chinese: bool, model_path: str, family: str = "clip") -> None:
+    """An English-only model's tokenizer may accept any bytes, but the model never learned Chinese: refuse,
+    early."""
     if takes_chinese:
         return
     texts = [text for text in label_set.texts if _CJK.search(text)]
     texts[:0] = [f"template {t!r}" for t in label_set.templates if _CJK.search(t)]
     if texts:
         shown = ", ".join(texts[:5]) + (" ..." if len(texts) > 5 else "")
-        raise UserError(f"model '{model_path}' is English CLIP and does not take Chinese text ({shown}); "
-                        "use English labels, or a Chinese-CLIP model (model_type chinese_clip, which takes both)")
+        raise UserError(f"model '{model_path}' ({family}) is English-only and does not take Chinese text ({shown}); "
+                        "use English labels, or a multilingual model (chinese_clip, altclip, metaclip_2, siglip2, "
+                        "or a multilingual siglip), which take both")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import tempfile
 import time
 from collections import Counter
@@ -22,11 +23,14 @@ from .engine import CACHED, CONTENT, SINK, Artifact, Runner, Stage, StageReport
 from .engine.files import FileDigests
 from .errors import UserError
 from .labels import LabelSet, build_label_set, check_language
-from .models import LoadedModel, ModelProvider, inspect_model_dir, spec_of
+from .families import SIGMOID
+from .models import LoadedModel, ModelProvider, inspect_model_dir, preprocessor_of
 from .outputs.writers import read_metadata
 from .sources import Source, open_source
 from .sources.folder import normalise_extensions
-from .stages import classify, discover, encode_images, encode_labels, publish, report, truth
+from .inference import EXPORTED, resolve_runtime
+from .stages import (calibration, classify, discover, encode_images, encode_labels, export_towers, publish, report,
+                     truth)
 from .stages.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -97,10 +101,18 @@ class RunSummary:
         return lines
 
 
-def default_workers(device: devices.DeviceChoice) -> int:
-    cpus = devices.cpu_count()
-    # On an accelerator the CPU only decodes, so use it all; on a CPU the model needs the cores too.
-    return min(16, cpus) if device.is_accelerator else max(1, cpus // 2)
+ACCELERATOR_BATCH, CPU_BATCH = 128, 8  # an accelerator needs large batches to hide each launch's overhead
+
+
+def worker_counts(device: devices.DeviceChoice) -> tuple[int, int]:
+    """(start, most) decode workers for one process. Next to an accelerator the CPU only decodes: start at all of
+    this rank's cores (up to 16) less one, kept for the thread that drives the device. On a CPU the model needs
+    the cores too: start at half of them and let the tuner add workers while that pays."""
+    cpus = max(1, devices.cpu_count() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    if device.is_accelerator:
+        most = max(1, cpus - 1)
+        return min(16, most), most
+    return max(1, cpus // 2), cpus
 
 
 def _plain(value):
@@ -113,28 +125,35 @@ def _positive(name: str, value: int) -> int:
     return int(value)
 
 
-def build(cfg: DictConfig, preloaded: LoadedModel | None = None, device_index: int | None = None,
+def build(cfg: DictConfig, preloaded: LoadedModel | None = None, local_rank: int | None = None,
           shows_progress: bool = True) -> Pipeline:
     """Validate the config against the world (files, model, device) and build the stages."""
-    for key in ("encode.batch_size", "encode.chunk_size", "classify.topk"):
+    for key in ("encode.chunk_size", "classify.topk"):
         _positive(key, OmegaConf.select(cfg, key))
+    if cfg.encode.batch_size is not None:
+        _positive("encode.batch_size", cfg.encode.batch_size)
     label_set = _label_set(cfg)
     info = _model_info(cfg)
-    check_language(label_set, info.takes_chinese, cfg.model.path)
+    check_language(label_set, info.takes_chinese, cfg.model.path, info.family)
     source = _source(cfg)
     truth_mode, truth_file = _truth_source(cfg)
     if cfg.encode.warmup_image and not Path(cfg.encode.warmup_image).is_file():
         raise UserError(f"warm-up image not found: '{cfg.encode.warmup_image}' (encode.warmup_image)")
-    index = cfg.device.index if device_index is None else device_index
-    choice = devices.resolve(cfg.device.type.value, cfg.device.dtype.value, index, cpu_half=cfg.device.cpu_half)
+    choice = devices.resolve(cfg.device.type.value, cfg.device.dtype.value, cfg.device.index,
+                             cpu_half=cfg.device.cpu_half, local_rank=local_rank)
     cache_dir, out_dir = Path(cfg.cache_dir), Path(cfg.output_dir)
     _check_writable(cache_dir, "cache_dir (CACHE=)")
     _check_writable(out_dir, "the run directory (OUT=)")
-    workers = cfg.encode.num_workers if cfg.encode.num_workers is not None else default_workers(choice)
+    start, most = worker_counts(choice)
+    fixed = cfg.encode.num_workers is not None
+    workers = int(cfg.encode.num_workers) if fixed else start
+    batch = cfg.encode.batch_size or (ACCELERATOR_BATCH if choice.is_accelerator else CPU_BATCH)
     model_fp = info.fingerprint(FileDigests(cache_dir / "file-digests"))
     counters: dict = {}
-    runtime = Runtime(source=source, models=ModelProvider(info, model_fp, choice.device, preloaded, counters),
-                      device=choice, batch_size=cfg.encode.batch_size, num_workers=int(workers),
+    runtime = Runtime(source=source, models=ModelProvider(info, model_fp, choice.device, preloaded, counters,
+                                                          compile=cfg.encode.compile),
+                      device=choice, batch_size=batch, num_workers=workers, max_workers=most,
+                      workers_fixed=fixed, pad_to=batch if choice.is_accelerator else None,
                       chunk_size=cfg.encode.chunk_size, timeout=cfg.preprocess.timeout,
                       warmup_image=cfg.encode.warmup_image, truth_file=truth_file,
                       progress=cfg.progress and shows_progress, progress_interval=cfg.progress_interval,
@@ -167,17 +186,28 @@ def _stages(cfg: DictConfig, runtime: Runtime, label_set: LabelSet, model_name: 
             truth_mode: str, out_dir: Path) -> list[Stage]:
     """The DAG; each stage's params are exactly the config that decides its output."""
     dtype = runtime.device.dtype_name
-    spec = spec_of(runtime.models.info).to_dict()
+    info = runtime.models.info
+    backend = cfg.preprocess.backend.value
+    on_device = backend == "device" or (backend == "auto" and runtime.device.is_accelerator)
+    preprocessor = preprocessor_of(info, on_device=on_device and info.spec.images != "hf")
+    spec = preprocessor.params
+    draft = cfg.preprocess.draft if cfg.preprocess.draft is not None else \
+        (runtime.device.is_accelerator and preprocessor.spec is not None)
+    _check_family_options(cfg, info, preprocessor, draft)
+    towers = _towers_stages(cfg, runtime, preprocessor, model_fp, draft)
+    uses = {"towers": "export_towers"} if towers else {}
     labels = list(label_set.labels)
     metadata = {"model": {"name": model_name, "path": str(runtime.models.info.path), "fingerprint": model_fp,
                           "family": runtime.models.info.family},
                 "label_set": label_set.to_dict(), "template": label_set.template,
                 "templates": list(label_set.templates), "dataset": {"root": runtime.source.describe()},
                 "config": {"dtype": dtype, "topk": cfg.classify.topk, "preprocess": spec,
-                           "draft": cfg.preprocess.draft}}
+                           "draft": draft, "scoring": info.spec.scoring,
+                           "runtime": towers[-1].params["runtime"] if towers else "torch",
+                           "mode": cfg.classify.mode.value}}
     extensions = sorted(e.lstrip(".") for e in normalise_extensions(cfg.dataset.extensions))
     source = runtime.source
-    image_params = {"model": model_fp, "dtype": dtype, "preprocess": spec, "draft": cfg.preprocess.draft,
+    image_params = {"model": model_fp, "dtype": dtype, "preprocess": spec, "draft": draft,
                     "max_pixels": cfg.preprocess.max_pixels}
     if source.kind == "shards":  # the truth travels with the images in a tar shard
         image_params["truth_member"] = cfg.dataset.truth_member
@@ -185,10 +215,11 @@ def _stages(cfg: DictConfig, runtime: Runtime, label_set: LabelSet, model_name: 
         Stage("discover", discover.discover, version=discover.VERSION, kind=CONTENT,
               params={"extensions": extensions, "format": source.format,
                       "path_column": cfg.dataset.path_column}),
-        Stage("encode_labels", encode_labels.encode_labels, version=encode_labels.VERSION, kind=CACHED,
+        *towers,
+        Stage("encode_labels", encode_labels.encode_labels, inputs=uses, version=encode_labels.VERSION, kind=CACHED,
               params={"model": model_fp, "dtype": dtype, "texts": list(label_set.texts),
                       "templates": list(label_set.templates)}),
-        Stage("encode_images", encode_images.encode_images, inputs={"records": "discover"},
+        Stage("encode_images", encode_images.encode_images, inputs={"records": "discover", **uses},
               version=encode_images.VERSION, kind=CACHED, params=image_params),
         Stage("truth", truth.load_truth, inputs={"records": "discover"}, version=truth.VERSION, kind=CONTENT,
               params={"mode": truth_mode, "column": cfg.dataset.truth_column, "labels": labels}),
@@ -196,7 +227,8 @@ def _stages(cfg: DictConfig, runtime: Runtime, label_set: LabelSet, model_name: 
               inputs={"truth": "truth", "label_embeddings": "encode_labels", "image_embeddings": "encode_images"},
               params={"labels": labels, "topk": cfg.classify.topk, "min_score": cfg.classify.min_score,
                       "unknown_label": cfg.classify.unknown_label, "metadata": metadata,
-                      "embeddings": cfg.embeddings}),
+                      "embeddings": cfg.embeddings, "mode": cfg.classify.mode.value,
+                      "threshold": cfg.classify.threshold}),
         Stage("publish", publish.publish, inputs={"results": "classify"}, params={"out_dir": str(out_dir)},
               version=publish.VERSION, kind=SINK),
     ]
@@ -206,6 +238,51 @@ def _stages(cfg: DictConfig, runtime: Runtime, label_set: LabelSet, model_name: 
                             params={"out_dir": str(out_dir), "dataset_root": str(root) if root else None},
                             kind=SINK))
     return stages
+
+
+def _towers_stages(cfg: DictConfig, runtime: Runtime, preprocessor, model_fp: str, draft: bool) -> list[Stage]:
+    """The stages that export the towers for ONNX Runtime or OpenVINO (none when torch runs them): for int8, the
+    calibration images first."""
+    info, choice = runtime.models.info, runtime.device
+    if runtime.models.preloaded is not None:  # a torch model already in memory (benchmarks, notebooks) runs as is
+        if cfg.model.runtime.value in EXPORTED:
+            raise UserError(f"model.runtime={cfg.model.runtime.value} with a model passed in memory: pass none (the "
+                            "run loads its export) or use model.runtime=torch")
+        return []
+    name = resolve_runtime(cfg.model.runtime.value, choice.device.type, choice.dtype_name,
+                           preprocessor.spec is not None, info.family)
+    if name not in EXPORTED:
+        return []
+    spec = preprocessor.spec
+    size = spec.crop_hw or spec.resize_hw
+    if size is None:
+        raise UserError(f"model.runtime={name}: '{info.path}' resizes to a shortest edge without a crop, so its "
+                        "inputs have no fixed size to export; use model.runtime=torch")
+    stages, inputs = [], {}
+    if choice.int8:
+        _positive("model.calibration_images", cfg.model.calibration_images)
+        stages.append(Stage("calibration", calibration.calibrate, inputs={"records": "discover"},
+                            version=calibration.VERSION, kind=CONTENT,
+                            params={"count": cfg.model.calibration_images, "preprocess": preprocessor.params,
+                                    "draft": draft, "max_pixels": cfg.preprocess.max_pixels}))
+        inputs = {"calibration": "calibration"}
+    stages.append(Stage("export_towers", export_towers.export_towers, inputs=inputs, version=export_towers.VERSION,
+                        kind=CACHED, params={"model": model_fp, "runtime": name, "dtype": choice.dtype_name,
+                                             "image_size": list(size)}))
+    return stages
+
+
+def _check_family_options(cfg: DictConfig, info, preprocessor, draft: bool) -> None:
+    if cfg.classify.mode.value == "multilabel" and info.spec.scoring != SIGMOID:
+        raise UserError(f"classify.mode=multilabel needs a score per label on its own, as SigLIP's sigmoid gives; "
+                        f"'{info.path}' is a {info.family} model, whose softmax makes the labels compete for one "
+                        "image (the scores sum to 1), so a threshold on them means nothing. Use a siglip or "
+                        "siglip2 model, or classify.mode=single")
+    if not 0 < cfg.classify.threshold < 1:
+        raise UserError(f"classify.threshold={cfg.classify.threshold} must lie between 0 and 1")
+    if draft and preprocessor.spec is None:
+        raise UserError(f"preprocess.draft=true needs a fixed resize target; '{info.path}' ({info.family}) takes a "
+                        "variable number of patches: leave preprocess.draft off for it")
 
 
 def _truth_source(cfg: DictConfig) -> tuple[str, Path | None]:
@@ -262,7 +339,7 @@ def run(cfg: DictConfig, preloaded: LoadedModel | None = None) -> RunSummary:
     shard = distributed.from_environment(cfg.shard.index, cfg.shard.count)
     pipeline = build(cfg, preloaded, shard.local_rank if shard.distributed else None,
                      shows_progress=not shard.distributed or shard.index == 0)
-    distributed.init(shard, pipeline.runtime.device.device.type, cfg.shard.timeout_hours)
+    distributed.init(shard, pipeline.runtime.device.device, cfg.shard.timeout_hours)
     token = distributed.listing_token(shard, cfg.dataset.listing)
     runner = Runner(pipeline.cache_dir, pipeline.runtime, cfg.cache_lock,
                     reuse_tokens={"discover": token} if token else {})
@@ -282,6 +359,7 @@ def run(cfg: DictConfig, preloaded: LoadedModel | None = None) -> RunSummary:
                         "command resumes from them") from exc
     finally:
         distributed.finish(shard)
+        pipeline.runtime.models.release()
     counts = classify.read_counts(results["classify"])
     if counts["discovered"] == 0:
         log.warning("no images found in %s (extensions: %s); outputs are empty", pipeline.runtime.source.describe(),
@@ -297,11 +375,12 @@ def run(cfg: DictConfig, preloaded: LoadedModel | None = None) -> RunSummary:
 
 
 def _encode_own_shard(pipeline: Pipeline, runner: Runner, shard: distributed.Shard) -> None:
-    upstream = runner.run(pipeline.stages, targets=("discover",))
     encode = next(s for s in pipeline.stages if s.name == "encode_images")
+    upstream = runner.run(pipeline.stages, targets=tuple(encode.inputs.values()))
     started = time.perf_counter()
-    encoded = encode_images.encode_shard(runner.context(encode), records=upstream["discover"], shard=shard.index,
-                                         shards=shard.count, **encode.params)
+    inputs = {name: upstream[stage] for name, stage in encode.inputs.items()}
+    encoded = encode_images.encode_shard(runner.context(encode), shard=shard.index, shards=shard.count, **inputs,
+                                         **encode.params)
     runner.reports.append(StageReport(f"encode_images[shard {shard.index}/{shard.count}]",
                                       "ran" if encoded else "reused", time.perf_counter() - started))
 

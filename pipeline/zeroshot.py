@@ -2,8 +2,10 @@
 
 - label embeddings from prompts: one template, or an ensemble (the normalised mean of a label's normalised prompt
   embeddings, as the CLIP paper and open_clip's `build_zero_shot_classifier` do);
-- probabilities: `softmax(logit_scale * cosine)`, as `CLIPModel`'s `logits_per_image.softmax(-1)`;
-- decisions: top-k labels and scores, and `unknown` below a minimum score.
+- scores: `softmax(logit_scale * cosine)` for CLIP-like families, as their `logits_per_image.softmax(-1)`, where
+  labels compete; `sigmoid(logit_scale * cosine + logit_bias)` for SigLIP, where each label stands alone;
+- decisions: top-k labels and scores, `unknown` below a minimum score, and in multi-label mode every label at or
+  above a threshold.
 """
 
 from __future__ import annotations
@@ -16,6 +18,18 @@ import numpy as np
 from .labels import apply_template
 
 Encoder = Callable[[list[str]], np.ndarray]  # prompts -> L2-normalised embeddings, one row per prompt
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """How a family turns cosines into scores (see `probabilities`)."""
+
+    logit_scale: float
+    logit_bias: float | None = None
+    kind: str = "softmax"  # or "sigmoid"
+
+    def scores(self, image_embeddings: np.ndarray, label_embeddings_: np.ndarray) -> np.ndarray:
+        return probabilities(image_embeddings, label_embeddings_, self.logit_scale, self.logit_bias, self.kind)
 
 
 def normalise(rows: np.ndarray) -> np.ndarray:
@@ -33,10 +47,15 @@ def label_embeddings(encode: Encoder, texts: Sequence[str], templates: Sequence[
     return normalise(total)
 
 
-def probabilities(image_embeddings: np.ndarray, label_embeddings_: np.ndarray, logit_scale: float) -> np.ndarray:
-    """softmax over labels of logit_scale * cosine, per image; both inputs L2-normalised, float32 out."""
+def probabilities(image_embeddings: np.ndarray, label_embeddings_: np.ndarray, logit_scale: float,
+                  logit_bias: float | None = None, scoring: str = "softmax") -> np.ndarray:
+    """Per image and label, from L2-normalised embeddings (float32 out): softmax over the labels of
+    logit_scale * cosine, or with scoring "sigmoid" each label's sigmoid(logit_scale * cosine + logit_bias)."""
     logits = (np.asarray(image_embeddings, np.float32) @ np.asarray(label_embeddings_, np.float32).T) \
         * np.float32(logit_scale)
+    if scoring == "sigmoid":
+        logits += np.float32(logit_bias or 0.0)
+        return (1.0 / (1.0 + np.exp(-logits))).astype(np.float32)
     logits -= logits.max(axis=1, keepdims=True)
     np.exp(logits, out=logits)
     logits /= logits.sum(axis=1, keepdims=True)
@@ -45,17 +64,34 @@ def probabilities(image_embeddings: np.ndarray, label_embeddings_: np.ndarray, l
 
 @dataclass(frozen=True)
 class Decisions:
-    """Per image: the chosen label (-1 and `unknown_label` below the minimum score) and the top-k."""
+    """Per image: the chosen label (-1 and `unknown_label` below the minimum score), the top-k, and in
+    multi-label mode every label at or above the threshold (best first)."""
 
     label_index: np.ndarray  # (n,) int32, -1 for unknown
     labels: np.ndarray  # (n,) object: label names, or the unknown label
     score: np.ndarray  # (n,) float32: the best score (kept also when the label is unknown)
     topk_index: np.ndarray  # (n, k) int64, best first
     topk_score: np.ndarray  # (n, k) float32
+    label_sets: list[list[str]] | None = None  # multi-label mode
 
 
 def decide(probs: np.ndarray, labels: Sequence[str], topk: int, min_score: float | None = None,
-           unknown_label: str = "unknown") -> Decisions:
+           unknown_label: str = "unknown", threshold: float | None = None) -> Decisions:
+    """Single-label decisions; with `threshold` (multi-label mode) also each image's labels scoring at or above
+    it, and `unknown` where none does (unless `min_score` decides that)."""
+    decided = _single(probs, labels, topk, threshold if threshold is not None and min_score is None else min_score,
+                      unknown_label)
+    if threshold is None:
+        return decided
+    names = np.asarray(labels, dtype=object)
+    order = np.argsort(-probs, axis=1, kind="stable")
+    sets = [[str(names[j]) for j in row if p[j] >= threshold] for row, p in zip(order, probs)]
+    return Decisions(decided.label_index, decided.labels, decided.score, decided.topk_index, decided.topk_score,
+                     sets)
+
+
+def _single(probs: np.ndarray, labels: Sequence[str], topk: int, min_score: float | None,
+            unknown_label: str) -> Decisions:
     names = np.asarray(labels, dtype=object)
     k = min(topk, probs.shape[1])
     order = np.argsort(-probs, axis=1, kind="stable")[:, :k]

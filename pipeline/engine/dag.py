@@ -44,7 +44,14 @@ KINDS = (CACHED, CONTENT, SINK)
 POOL_DIR = "pool"
 MEMO_DIR = "memo"
 REUSE_DIR = "reuse"
+# Beside a stage's entries (one directory per fingerprint) live these working directories, which are not entries.
+WORK_DIRS = frozenset({POOL_DIR, MEMO_DIR, REUSE_DIR})
 MAX_REPAIRS = 3
+
+
+def entry_dirs(stage_dir: Path) -> list[Path]:
+    """A stage's cache entries, sealed or in the making (`.tmp-*`), without its working directories."""
+    return sorted(p for p in stage_dir.iterdir() if p.is_dir() and p.name not in WORK_DIRS)
 
 
 @dataclass
@@ -87,7 +94,11 @@ class Stage:
         return sha256_json({"stage": self.name, "version": self.version, "params": dict(self.params)})
 
     def fingerprint(self, inputs: Mapping[str, Artifact], content: str | None = None) -> str:
-        return sha256_json({"identity": self.identity, "content": content,
+        """A content stage's output by what it wrote, whatever its inputs were (downstream reads only that
+        output); any other stage's by its identity and its inputs' fingerprints."""
+        if content is not None:
+            return sha256_json({"identity": self.identity, "content": content})
+        return sha256_json({"identity": self.identity, "content": None,
                             "inputs": {arg: art.fingerprint for arg, art in sorted(inputs.items())}})
 
 

@@ -52,6 +52,8 @@ def write_folder_truth(paths: Iterable[list[str]], labels: Sequence[str], forced
 
 
 def truth_from_file(file: str | Path, column: str) -> pa.Table:
+    """(path, truth) from a CSV/parquet file; `column` may name several columns joined by '+' (multi-label: the
+    image's truth is the set of their values)."""
     file = Path(file)
     if not file.is_file():
         raise UserError(f"truth file not found: '{file}' (dataset.truth)")
@@ -59,11 +61,16 @@ def truth_from_file(file: str | Path, column: str) -> pa.Table:
         table = pq.read_table(file) if file.suffix.lower() == ".parquet" else pacsv.read_csv(file)
     except (pa.ArrowInvalid, OSError) as exc:
         raise UserError(f"cannot read truth file '{file}': {exc}") from None
-    missing = [c for c in ("path", column) if c not in table.column_names]
+    columns = column.split("+")
+    missing = [c for c in ("path", *columns) if c not in table.column_names]
     if missing:
         raise UserError(f"truth file '{file}' lacks column(s) {missing}; it has {table.column_names} "
                         "(set dataset.truth_column to the label column)")
-    return truth_table(table.column("path"), table.column(column))
+    if len(columns) == 1:
+        return truth_table(table.column("path"), table.column(column))
+    values = [table.column(c).cast(pa.string()).to_pylist() for c in columns]
+    joined = [TRUTH_SEPARATOR.join(v for v in row if v) or None for row in zip(*values)]
+    return truth_table(table.column("path"), pa.chunked_array([pa.array(joined, pa.string())]))
 
 
 def truth_table(paths: pa.ChunkedArray, values: pa.ChunkedArray) -> pa.Table:
@@ -183,3 +190,88 @@ class MetricsAccumulator:
         table = {r["metric"]: r["value"] for r in self.metrics_table().to_pylist() if r["scope"] == "overall"}
         return (f"top-1 {table['top1_accuracy']:.3f}, top-5 {table['top5_accuracy']:.3f}, mean per-class recall "
                 f"{table['mean_per_class_recall']:.3f} on {self.total} images with truth")
+
+
+TRUTH_SEPARATOR = "|"  # multi-label truth: the labels of one image, joined
+AP_BINS = 4096
+
+
+class MultiLabelMetrics:
+    """Multi-label metrics as a stream: per label, true/false positives and negatives at the threshold, and
+    histograms of the scores of positive and negative images, from which the average precision comes (ranking by
+    score, ties within 1/AP_BINS); mAP is their mean over the labels that occur."""
+
+    def __init__(self, labels: Sequence[str], threshold: float) -> None:
+        self.labels = list(labels)
+        self.index = {label: i for i, label in enumerate(self.labels)}
+        self.threshold = threshold
+        size = len(self.labels)
+        self.tp, self.fp, self.fn = (np.zeros(size, np.int64) for _ in range(3))
+        self.positives = np.zeros((size, AP_BINS), np.int32)
+        self.negatives = np.zeros((size, AP_BINS), np.int32)
+        self.total = 0
+        self.outside_label_set: Counter = Counter()
+
+    def add(self, truths: Iterable[str | None], predicted: Sequence[Sequence[str]], probs: np.ndarray) -> None:
+        rows = [(i, t) for i, t in enumerate(truths) if t is not None]
+        if not rows:
+            return
+        which = np.array([i for i, _ in rows])
+        truth = np.zeros((len(rows), len(self.labels)), bool)
+        for r, (_, text) in enumerate(rows):
+            for label in text.split(TRUTH_SEPARATOR):
+                label = label.strip()
+                if label in self.index:
+                    truth[r, self.index[label]] = True
+                elif label:
+                    self.outside_label_set[label] += 1
+        scores = probs[which]
+        said = scores >= self.threshold
+        self.tp += (said & truth).sum(0)
+        self.fp += (said & ~truth).sum(0)
+        self.fn += (~said & truth).sum(0)
+        bins = np.clip((scores * AP_BINS).astype(np.int64), 0, AP_BINS - 1)
+        for j in range(len(self.labels)):
+            self.positives[j] += np.bincount(bins[truth[:, j], j], minlength=AP_BINS).astype(np.int32)
+            self.negatives[j] += np.bincount(bins[~truth[:, j], j], minlength=AP_BINS).astype(np.int32)
+        self.total += len(rows)
+
+    def average_precision(self, j: int) -> float:
+        pos, neg = self.positives[j][::-1].astype(np.float64), self.negatives[j][::-1].astype(np.float64)
+        if not pos.sum():
+            return float("nan")
+        tp, fp = np.cumsum(pos), np.cumsum(neg)
+        precision = np.divide(tp, tp + fp, out=np.zeros_like(tp), where=(tp + fp) > 0)
+        return float((precision * pos).sum() / pos.sum())
+
+    def metrics_table(self) -> pa.Table:
+        precision = np.divide(self.tp, self.tp + self.fp, out=np.full(len(self.labels), np.nan),
+                              where=(self.tp + self.fp) > 0)
+        recall = np.divide(self.tp, self.tp + self.fn, out=np.full(len(self.labels), np.nan),
+                           where=(self.tp + self.fn) > 0)
+        f1 = np.divide(2 * self.tp, 2 * self.tp + self.fp + self.fn, out=np.full(len(self.labels), np.nan),
+                       where=(2 * self.tp + self.fp + self.fn) > 0)
+        ap = np.array([self.average_precision(j) for j in range(len(self.labels))])
+        tp, fp, fn = self.tp.sum(), self.fp.sum(), self.fn.sum()
+        present = ~np.isnan(ap)
+        rows = [("overall", None, "images_with_truth", float(self.total)),
+                ("overall", None, "threshold", float(self.threshold)),
+                ("overall", None, "micro_precision", tp / (tp + fp) if tp + fp else float("nan")),
+                ("overall", None, "micro_recall", tp / (tp + fn) if tp + fn else float("nan")),
+                ("overall", None, "micro_f1", 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else float("nan")),
+                ("overall", None, "macro_f1", float(np.nanmean(f1[present])) if present.any() else float("nan")),
+                ("overall", None, "mAP", float(ap[present].mean()) if present.any() else float("nan"))]
+        for j, label in enumerate(self.labels):
+            rows += [("class", label, "precision", float(precision[j])), ("class", label, "recall", float(recall[j])),
+                     ("class", label, "f1", float(f1[j])), ("class", label, "ap", float(ap[j])),
+                     ("class", label, "support", float(self.tp[j] + self.fn[j]))]
+        return pa.Table.from_arrays([pa.array(col, t.type) for col, t in zip(zip(*rows), METRICS_SCHEMA)],
+                                    schema=METRICS_SCHEMA)
+
+    def confusion_table(self) -> None:
+        return None  # no single predicted label to cross with a single true one
+
+    def headline(self) -> str:
+        table = {r["metric"]: r["value"] for r in self.metrics_table().to_pylist() if r["scope"] == "overall"}
+        return (f"mAP {table['mAP']:.3f}, micro F1 {table['micro_f1']:.3f}, macro F1 {table['macro_f1']:.3f} at "
+                f"threshold {self.threshold} on {self.total} images with truth")

@@ -30,10 +30,11 @@ ERRORS_SCHEMA = pa.schema([
 ])
 
 
-def predictions_schema(metadata: dict[str, Any]) -> pa.Schema:
+def predictions_schema(metadata: dict[str, Any], multilabel: bool = False) -> pa.Schema:
     fields = [
         pa.field("path", pa.string(), nullable=False),
         pa.field("label", pa.string(), nullable=False),
+        *([pa.field("labels", pa.list_(pa.string()), nullable=False)] if multilabel else []),  # at the threshold
         pa.field("label_index", pa.int32(), nullable=False),
         pa.field("score", pa.float32(), nullable=False),
         pa.field("topk_labels", pa.list_(pa.string()), nullable=False),
@@ -57,9 +58,10 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
 
 
 class PredictionsWriter:
-    def __init__(self, path: Path, labels: Sequence[str], metadata: dict[str, Any]) -> None:
+    def __init__(self, path: Path, labels: Sequence[str], metadata: dict[str, Any], multilabel: bool = False) -> None:
         self.labels = np.asarray(labels, dtype=object)
-        self.schema = predictions_schema(metadata)
+        self.multilabel = multilabel
+        self.schema = predictions_schema(metadata, multilabel)
         self._writer = pq.ParquetWriter(path, self.schema, compression="zstd")
         self.rows = 0
 
@@ -73,6 +75,7 @@ class PredictionsWriter:
         table = pa.Table.from_arrays([
             pa.array(paths, pa.string()),
             pa.array(decided.labels, pa.string()),
+            *([pa.array(decided.label_sets, pa.list_(pa.string()))] if self.multilabel else []),
             pa.array(decided.label_index, pa.int32()),
             pa.array(decided.score, pa.float32()),
             pa.ListArray.from_arrays(offsets_k, pa.array(self.labels[decided.topk_index].reshape(-1), pa.string())),
@@ -108,14 +111,15 @@ class ErrorsWriter:
 
 
 class ResJsonWriter:
-    """`res.json` as the vendor example writes it (image -> label, sorted), streamed one entry per line."""
+    """`res.json` as the vendor example writes it (image -> label, sorted), streamed one entry per line; in
+    multi-label mode image -> list of labels."""
 
     def __init__(self, path: Path) -> None:
         self._fh = open(path, "w", encoding="utf-8")
         self._fh.write("{")
         self._first = True
 
-    def write(self, paths: Sequence[str], labels: Sequence[str]) -> None:
+    def write(self, paths: Sequence[str], labels: Sequence) -> None:
         for path, label in zip(paths, labels):
             sep = "\n" if self._first else ",\n"
             self._fh.write(f"{sep}  {json.dumps(path, ensure_ascii=False)}: "

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 from .. import zeroshot
 from ..engine import Artifact, StageContext, failpoint
 from ..engine.files import read_json, write_json
-from ..outputs.metrics import MetricsAccumulator
+from ..outputs.metrics import MetricsAccumulator, MultiLabelMetrics
 from ..progress import Progress
 from ..outputs.writers import (EmbeddingsWriter, ErrorsWriter, PredictionsWriter, ResJsonWriter,
                                write_label_embeddings)
@@ -27,7 +27,7 @@ from .truth import truth_walk
 
 log = logging.getLogger(__name__)
 
-VERSION = 3
+VERSION = 4
 # Besides this module, the code that decides its output (tests/unit/test_stage_versions.py holds VERSION to it).
 CODE = ("pipeline.zeroshot", "pipeline.outputs.writers", "pipeline.outputs.metrics")
 COUNTS_FILE = "counts.json"
@@ -38,17 +38,21 @@ OPTIONAL_FILES = ("embeddings.parquet", "label_embeddings.parquet", "metrics.par
 
 def classify(ctx: StageContext, *, truth: Artifact, label_embeddings: Artifact, image_embeddings: Artifact,
              labels: list[str], topk: int, min_score: float | None, unknown_label: str, metadata: dict,
-             embeddings: bool = False) -> None:
+             embeddings: bool = False, mode: str = "single", threshold: float | None = None) -> None:
+    """`mode` single: one label per image; multilabel: every label scoring `threshold` or more (sigmoid scores)."""
     truths = truth_walk(truth)
-    text, scale = read_label_embeddings(label_embeddings)
-    predictions = PredictionsWriter(ctx.out / "predictions.parquet", labels, metadata)
+    text, scoring = read_label_embeddings(label_embeddings)
+    multilabel = mode == "multilabel"
+    predictions = PredictionsWriter(ctx.out / "predictions.parquet", labels, metadata, multilabel)
     errors = ErrorsWriter(ctx.out / "errors.parquet")
     res_json = ResJsonWriter(ctx.out / "res.json")
     vectors = EmbeddingsWriter(ctx.out / "embeddings.parquet", text.shape[1], metadata) if embeddings else None
     if embeddings:
-        write_label_embeddings(ctx.out / "label_embeddings.parquet", labels, text, scale, metadata)
-    scores = MetricsAccumulator(labels)
-    decide = dict(labels=labels, topk=topk, min_score=min_score, unknown_label=unknown_label)
+        write_label_embeddings(ctx.out / "label_embeddings.parquet", labels, text, scoring.logit_scale,
+                               {**metadata, "logit_bias": scoring.logit_bias, "scoring": scoring.kind})
+    scores = MultiLabelMetrics(labels, threshold) if multilabel else MetricsAccumulator(labels)
+    decide = dict(labels=labels, topk=topk, min_score=min_score, unknown_label=unknown_label,
+                  threshold=threshold if multilabel else None)
     progress = Progress("classify", image_count(image_embeddings), "img", ctx.runtime.progress,
                         ctx.runtime.progress_interval)
     try:
@@ -60,17 +64,17 @@ def classify(ctx: StageContext, *, truth: Artifact, label_embeddings: Artifact, 
             good = np.flatnonzero(ok)
             if len(good):
                 matrix = embedding_matrix(chunk)[good]
-                probs = zeroshot.probabilities(matrix, text, scale)
+                probs = scoring.scores(matrix, text)
                 decided = zeroshot.decide(probs, **decide)
                 good_paths = [paths[i] for i in good]
                 sizes = np.stack([chunk.column("width").to_numpy()[good], chunk.column("height").to_numpy()[good]], 1)
                 carried = chunk.column("truth").to_pylist()  # truth read with the image (tar shards)
                 known = [truths.get(p) or carried[i] for p, i in zip(good_paths, good)]
                 predictions.write(good_paths, decided, probs, sizes, known)
-                res_json.write(good_paths, decided.labels)
+                res_json.write(good_paths, decided.label_sets if multilabel else decided.labels)
                 if vectors is not None:
                     vectors.write(good_paths, matrix)
-                scores.add(known, decided.labels, probs)
+                scores.add(known, decided.label_sets if multilabel else decided.labels, probs)
             failpoint("classify.row_group")
     finally:
         progress.close()
@@ -80,7 +84,8 @@ def classify(ctx: StageContext, *, truth: Artifact, label_embeddings: Artifact, 
     counts = {"discovered": image_count(image_embeddings), "classified": predictions.rows, "errors": errors.rows}
     if scores.total:
         pq.write_table(scores.metrics_table(), ctx.out / "metrics.parquet")
-        pq.write_table(scores.confusion_table(), ctx.out / "confusion.parquet")
+        if (confusion := scores.confusion_table()) is not None:
+            pq.write_table(confusion, ctx.out / "confusion.parquet")
         counts["metrics"] = scores.headline()
         if scores.outside_label_set:
             log.warning("%d images have a true label outside the label set (%s ...); they count as misses",

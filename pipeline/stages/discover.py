@@ -20,7 +20,7 @@ from ..sources import RECORDS_SCHEMA
 
 log = logging.getLogger(__name__)
 
-VERSION = 3
+VERSION = 4
 # Besides this module, the code that decides its output (tests/unit/test_stage_versions.py holds VERSION to it).
 CODE = ("pipeline.sources", "pipeline.sources.folder", "pipeline.sources.manifest", "pipeline.sources.tars",
         "pipeline.sources.bucket", "pipeline.sources.remote")

@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..engine import Artifact, ChunkFile, ChunkPool, Incomplete, StageContext, write_chunk_list
 from ..errors import ImageError
-from ..imaging import PreprocessSpec, load_and_preprocess, preprocess
+from ..imaging import Preprocessor, load_and_preprocess
 from ..models import LoadedModel
 from ..progress import Progress
 from .discover import Records
@@ -46,10 +46,10 @@ from .runtime import Runtime
 
 log = logging.getLogger(__name__)
 
-VERSION = 3
+VERSION = 4
 # Besides this module, the code that decides its output (tests/unit/test_stage_versions.py holds VERSION to it).
-CODE = ("pipeline.imaging", "pipeline.models", "pipeline.sources.folder", "pipeline.sources.tars",
-        "pipeline.sources.remote", "pipeline.errors")
+CODE = ("pipeline.imaging", "pipeline.models", "pipeline.families", "pipeline.sources.folder",
+        "pipeline.sources.tars", "pipeline.sources.remote", "pipeline.errors")
 
 
 def chunk_schema(dim: int) -> pa.Schema:
@@ -147,7 +147,7 @@ def _memoised_spans(records: Records, records_fp: str, chunk_size: int, identity
     from ..engine.files import atomic_path
     from ..engine.locks import locked
 
-    path = memo / f"{records_fp[:32]}-{chunk_size}.spans.arrow"
+    path = memo / f"{records_fp[:32]}-{identity[:16]}-{chunk_size}.spans.arrow"
     with locked(path.with_suffix(".lock")):
         if not path.exists():
             spans = plan_chunks(records, chunk_size, identity)
@@ -163,9 +163,11 @@ def _memoised_spans(records: Records, records_fp: str, chunk_size: int, identity
 # ------------------------------------------------------------------------------------------ the stage
 
 def encode_images(ctx: StageContext, *, records: Artifact, model: str, dtype: str, preprocess: dict,
-                  draft: bool, max_pixels: int, truth_member: str | None = None) -> Incomplete | None:
+                  draft: bool, max_pixels: int, truth_member: str | None = None,
+                  towers: Artifact | None = None) -> Incomplete | None:
+    """`towers`: an export_towers entry when the towers run on ONNX Runtime or OpenVINO; else torch runs them."""
     params = dict(model=model, dtype=dtype, preprocess=preprocess, draft=draft, max_pixels=max_pixels,
-                  truth_member=truth_member)
+                  truth_member=truth_member, **exported(towers))
     listed, count = fill_chunks(ctx, records, params)[0], 0
     for chunk in listed:
         count += chunk_rows(ChunkPool(ctx.pool), chunk)
@@ -176,10 +178,19 @@ def encode_images(ctx: StageContext, *, records: Artifact, model: str, dtype: st
     return None
 
 
-def encode_shard(ctx: StageContext, *, records: Artifact, shard: int, shards: int, **params) -> int:
+def encode_shard(ctx: StageContext, *, records: Artifact, shard: int, shards: int,
+                 towers: Artifact | None = None, **params) -> int:
     """Encode only the groups of shard `shard` of `shards` into the stage's pool; the stage itself, run later by
     one process, finds them there. Returns the number of chunks this call encoded."""
-    return fill_chunks(ctx, records, params, shard, shards)[1]
+    return fill_chunks(ctx, records, {**params, **exported(towers)}, shard, shards)[1]
+
+
+def exported(towers: Artifact | None) -> dict:
+    """Where an export of the towers lies, and its fingerprint: chunks are keyed by what made them, and an export
+    is an input (its int8 calibration is content), not a param."""
+    if towers is None:
+        return {"export": None, "export_fingerprint": None}
+    return {"export": str(towers.path), "export_fingerprint": towers.fingerprint}
 
 
 def fill_chunks(ctx: StageContext, records: Artifact, params: dict, shard: int = 0,
@@ -188,7 +199,9 @@ def fill_chunks(ctx: StageContext, records: Artifact, params: dict, shard: int =
     of the plan that exists afterwards, in order, and how many chunks this call encoded."""
     runtime: Runtime = ctx.runtime
     pool = ChunkPool(ctx.pool)
-    plan = make_plan(records, runtime.source.kind, runtime.chunk_size, ctx.key, ctx.memo)
+    identity = ctx.key if not params.get("export_fingerprint") else \
+        hashlib.sha256(f"{ctx.key}:{params['export_fingerprint']}".encode()).hexdigest()
+    plan = make_plan(records, runtime.source.kind, runtime.chunk_size, identity, ctx.memo)
     found = pool.scan()
     mine = [g for g in range(plan.groups) if shard_of(g, shards) == shard]
     pending = {g: first for g in mine if (first := _first_pending(plan, g, found, pool)) is not None}
@@ -287,9 +300,9 @@ class Decoder(IterableDataset):
     parts of batches for per-image sources, whole tar shards for shard sources. Memory-maps the records; no worker
     holds the list of paths."""
 
-    def __init__(self, plan: Plan, pending: dict[int, int], runtime: Runtime, spec: PreprocessSpec, draft: bool,
-                 max_pixels: int, workers: int) -> None:
-        self.plan, self.pending, self.source, self.spec = plan, pending, runtime.source, spec
+    def __init__(self, plan: Plan, pending: dict[int, int], runtime: Runtime, preprocessor: Preprocessor,
+                 draft: bool, max_pixels: int, workers: int) -> None:
+        self.plan, self.pending, self.source, self.preprocessor = plan, pending, runtime.source, preprocessor
         self.draft, self.max_pixels, self.timeout = draft, max_pixels, runtime.timeout
         self.batch_size, self.chunk_size, self.workers = runtime.batch_size, runtime.chunk_size, max(1, workers)
 
@@ -378,7 +391,7 @@ class Decoder(IterableDataset):
     def _decode_one(self, key: bytes, read, truth: str | None) -> tuple[Row, np.ndarray | None]:
         try:
             with _deadline(self.timeout):
-                pixels, (width, height) = load_and_preprocess(read(), self.spec, draft=self.draft,
+                pixels, (width, height) = load_and_preprocess(read(), self.preprocessor, draft=self.draft,
                                                               max_pixels=self.max_pixels)
             return (key, width, height, None, None, False, truth), pixels
         except ImageError as exc:
@@ -394,8 +407,34 @@ def _as_is(item: Item) -> Item:
     return item
 
 
-def _stack(pixels: list[np.ndarray]) -> torch.Tensor | None:
-    return torch.from_numpy(np.stack(pixels)) if pixels else None
+def _stack(inputs: list):
+    """One image's worker output each -> a batch: stacked pixel values, a dict of stacked arrays, or (for
+    on-device preprocessing) a list of 8-bit images of any sizes."""
+    if not inputs:
+        return None
+    if isinstance(inputs[0], dict):
+        return {key: torch.from_numpy(np.stack([item[key] for item in inputs])) for key in inputs[0]}
+    if inputs[0].dtype == np.uint8:
+        return [torch.from_numpy(np.ascontiguousarray(item)) for item in inputs]
+    return torch.from_numpy(np.stack(inputs))
+
+
+def _cat(batches: list):
+    if len(batches) == 1:
+        return batches[0]
+    if isinstance(batches[0], dict):
+        return {key: torch.cat([b[key] for b in batches]) for key in batches[0]}
+    if isinstance(batches[0], list):
+        return [image for batch in batches for image in batch]
+    return torch.cat(batches)
+
+
+def model_inputs(batch, preprocessor: Preprocessor, runtime: Runtime):
+    """A decoded batch as the model takes it: preprocessed on the device where that is how it goes, padded to
+    the fixed batch size where the device wants fixed shapes."""
+    if isinstance(batch, list):
+        batch = preprocessor.on(batch, runtime.device.device)
+    return _pad(batch, runtime.pad_to)
 
 
 # ---------------------------------------------------------------------------------------- the encode loop
@@ -414,54 +453,179 @@ class _Chunk:
 def _encode(plan: Plan, pending: dict[int, int], pool: ChunkPool, runtime: Runtime,
             params: dict) -> tuple[dict[str, ChunkFile], int]:
     """Encode the pending groups; returns the chunks written (with the index chunks of tar shards read to their
-    end) and how many images went through."""
-    model = runtime.models.get(params["model"], params["dtype"])
-    spec = PreprocessSpec.from_dict(params["preprocess"])
-    decoder = Decoder(plan, pending, runtime, spec, params["draft"], params["max_pixels"], runtime.num_workers)
-    loader = DataLoader(decoder, batch_size=None, collate_fn=_as_is, num_workers=runtime.num_workers,
-                        prefetch_factor=4 if runtime.num_workers else None, persistent_workers=False,
-                        pin_memory=runtime.device.is_accelerator)
-    items = iter(loader)  # the workers start now, so that the first batches decode while the model warms up
-    warm_up(model, runtime, spec)
-    written: dict[str, ChunkFile] = {}
-    parts: dict[tuple[int, int, int], list] = {}
-    chunks: dict[tuple[int, int], _Chunk] = {}
-    timing = {"data_wait_seconds": 0.0, "model_seconds": 0.0, "chunk_write_seconds": 0.0}
+    end) and how many images went through. The work goes in segments, each with a fresh set of decode workers,
+    so that their number can follow what the run needs (see `WorkerTuner`)."""
+    export = params.get("export")
+    model = runtime.models.get(params["model"], params["dtype"], Path(export) if export else None)
+    preprocessor = Preprocessor.from_params(params["preprocess"])
+    tuner = WorkerTuner.for_runtime(runtime)
+    run = _Encoding(plan, pool, model, runtime, preprocessor)
+    segments = _segments(pending, tuner)
     total = sum(plan.spans[g].stop - plan.spans[g].start for g in pending) if plan.kind == "images" else None
-    images = 0
-    clock = time.perf_counter()
     with Progress("encode images", total, "img", runtime.progress, runtime.progress_interval) as bar:
+        run.progress = bar
+        segment = next(segments, None)
+        workers = tuner.count
+        # The first workers start before the warm-up, so that the first batches decode while the model warms up.
+        items = _loader(plan, segment, runtime, preprocessor, params, workers)
+        warm_up(model, runtime, preprocessor)
+        while segment is not None:
+            started, before = time.perf_counter(), (run.images, dict(run.timing))
+            run.consume(items)
+            tuner.observe(workers, run.images - before[0], time.perf_counter() - started,
+                          run.timing["data_wait_seconds"] - before[1]["data_wait_seconds"])
+            segment, workers = next(segments, None), tuner.count
+            if segment is not None:
+                items = _loader(plan, segment, runtime, preprocessor, params, workers)
+        run.finish()
+    tuner.report()
+    runtime.counters["decode_workers"] = tuner.count
+    for key, seconds in run.timing.items():
+        runtime.counters[key] = runtime.counters.get(key, 0.0) + seconds
+    return run.written, run.images
+
+
+def _loader(plan: Plan, segment: dict[int, int], runtime: Runtime, preprocessor: Preprocessor, params: dict,
+            workers: int) -> Iterator[Item]:
+    decoder = Decoder(plan, segment, runtime, preprocessor, params["draft"], params["max_pixels"], workers)
+    loader = DataLoader(decoder, batch_size=None, collate_fn=_as_is, num_workers=workers,
+                        prefetch_factor=4 if workers else None, persistent_workers=False,
+                        pin_memory=runtime.device.is_accelerator)
+    return iter(loader)
+
+
+def _segments(pending: dict[int, int], tuner: "WorkerTuner") -> Iterator[dict[int, int]]:
+    """The pending groups in runs: one group at a time while the worker count is being tuned, then larger runs
+    (a fresh set of workers costs a fraction of a second)."""
+    groups = sorted(pending)
+    at = 0
+    while at < len(groups):
+        size = 1 if not tuner.settled else SETTLED_SEGMENT
+        yield {g: pending[g] for g in groups[at:at + size]}
+        at += size
+
+
+SETTLED_SEGMENT = 32  # groups per segment once the worker count is settled
+
+
+class WorkerTuner:
+    """The number of decode workers, adapted while the run goes, by measured throughput: it grows while the model
+    waits for data (up to `highest`: the cores, less one for the thread that drives an accelerator) as long as
+    each step pays, and falls back when more workers slow the run down (on a CPU, decoders and the model share
+    the cores). A count set in the config (`encode.num_workers`) stays as set."""
+
+    def __init__(self, start: int, highest: int, fixed: bool) -> None:
+        self.count, self.highest, self.fixed = start, max(start, highest), fixed
+        self.rates: dict[int, float] = {}
+        self.settled = fixed
+
+    @classmethod
+    def for_runtime(cls, runtime: Runtime) -> "WorkerTuner":
+        return cls(runtime.num_workers, runtime.max_workers, runtime.workers_fixed)
+
+    def observe(self, workers: int, images: int, seconds: float, waited: float) -> None:
+        if self.settled or not images or seconds <= 0:
+            return
+        rate = images / seconds
+        self.rates[workers] = max(rate, self.rates.get(workers, 0.0))
+        better = self.rates.get(workers - 1)
+        if better is not None and rate < better * GAIN:  # the last step did not pay: go back and stay
+            self.count, self.settled = workers - 1, True
+        elif waited / seconds > WAITING and workers < self.highest:
+            self.count = workers + 1
+        else:
+            self.settled = True
+
+    def report(self) -> None:
+        if self.fixed:
+            return
+        tried = ", ".join(f"{k}: {v:.1f} img/s" for k, v in sorted(self.rates.items()))
+        log.info("decode workers: settled on %d (tried %s)", self.count, tried or "-")
+
+
+GAIN = 1.05  # a worker more must bring 5% more images per second to be kept
+WAITING = 0.05  # the model waits for data more than this share of the time: try a worker more
+
+
+class _Encoding:
+    """The main process's side: decoded parts joined into the planned batches, batches through the model, each
+    batch's embeddings into its chunk, complete chunks into the pool."""
+
+    def __init__(self, plan: Plan, pool: ChunkPool, model: LoadedModel, runtime: Runtime,
+                 preprocessor: Preprocessor) -> None:
+        self.plan, self.pool, self.model, self.runtime = plan, pool, model, runtime
+        self.preprocessor = preprocessor
+        self.written: dict[str, ChunkFile] = {}
+        self.parts: dict[tuple[int, int, int], list] = {}
+        self.chunks: dict[tuple[int, int], _Chunk] = {}
+        self.timing = {"data_wait_seconds": 0.0, "model_seconds": 0.0, "chunk_write_seconds": 0.0}
+        self.images = 0
+        self.progress = None
+        self.in_flight = None  # the batch whose embeddings are still on their way back from the device
+
+    def consume(self, items: Iterator[Item]) -> None:
+        clock = time.perf_counter()
         for group, sub, batch_no, part_no, n_parts, closes, ends, rows, pixels in items:
-            clock = _lap(timing, "data_wait_seconds", clock)
+            clock = _lap(self.timing, "data_wait_seconds", clock)
             if ends is not None:
                 if ends >= 0:  # a tar shard read to its end: record how many chunks it makes
-                    written[plan.index_key(group)] = pool.put(plan.index_key(group),
-                                                              json.dumps({"chunks": ends}).encode())
+                    key = self.plan.index_key(group)
+                    self.written[key] = self.pool.put(key, json.dumps({"chunks": ends}).encode())
                 continue
-            received = parts.setdefault((group, sub, batch_no), [])
+            received = self.parts.setdefault((group, sub, batch_no), [])
             received.append((part_no, rows, pixels))
             if len(received) < n_parts:
                 continue
-            del parts[(group, sub, batch_no)]
+            del self.parts[(group, sub, batch_no)]
             received.sort(key=lambda r: r[0])
             batch_rows = [row for _, part_rows, _ in received for row in part_rows]
             tensors = [px for _, _, px in received if px is not None]
-            embeddings = model.encode_images(torch.cat(tensors) if len(tensors) > 1 else tensors[0]) \
+            # Launch this batch before collecting the one before it: the device works while the host writes.
+            launched = self.model.encode_images_async(model_inputs(_cat(tensors), self.preprocessor, self.runtime)) \
                 if tensors else None
-            clock = _lap(timing, "model_seconds", clock)
-            chunk = chunks.setdefault((group, sub), _Chunk())
-            chunk.batches[batch_no] = (batch_rows, embeddings)
-            if closes:
-                chunk.closing = batch_no
-            bar.update(len(batch_rows))
-            images += len(batch_rows)
-            if chunk.complete():
-                key = plan.chunk_key(group, sub)
-                written[key] = _write_chunk(pool, key, chunks.pop((group, sub)), model.embedding_dim)
-            clock = _lap(timing, "chunk_write_seconds", clock)
-    for key, seconds in timing.items():
-        runtime.counters[key] = runtime.counters.get(key, 0.0) + seconds
-    return written, images
+            _lap(self.timing, "model_seconds", clock)
+            self._collect()  # times itself: model (waiting for the results) and chunk writing
+            self.in_flight = ((group, sub, batch_no, closes), batch_rows, launched, len(batch_rows))
+            clock = time.perf_counter()
+        self._collect()
+
+    def _collect(self) -> None:
+        if self.in_flight is None:
+            return
+        started = time.perf_counter()
+        (group, sub, batch_no, closes), batch_rows, launched, count = self.in_flight
+        self.in_flight = None
+        embeddings = None
+        if launched is not None:
+            ok = sum(1 for row in batch_rows if row[3] is None)
+            embeddings = launched.result()[:ok]  # drop the rows that padded the batch to its fixed size
+        self.timing["model_seconds"] += time.perf_counter() - started
+        chunk = self.chunks.setdefault((group, sub), _Chunk())
+        chunk.batches[batch_no] = (batch_rows, embeddings)
+        if closes:
+            chunk.closing = batch_no
+        self.images += count
+        if self.progress is not None:
+            self.progress.update(count)
+        if chunk.complete():
+            started = time.perf_counter()
+            key = self.plan.chunk_key(group, sub)
+            self.written[key] = _write_chunk(self.pool, key, self.chunks.pop((group, sub)), self.model.embedding_dim)
+            self.timing["chunk_write_seconds"] += time.perf_counter() - started
+
+    def finish(self) -> None:
+        self._collect()
+
+
+def _pad(inputs, size: int | None):
+    """Pad a short batch to `size` rows of zeros (accelerators: every new shape is an operator compilation on
+    Ascend, a new kernel plan on CUDA); the padding rows' embeddings are dropped."""
+    if not size:
+        return inputs
+    def pad(t: torch.Tensor) -> torch.Tensor:
+        missing = size - t.shape[0]
+        return t if missing <= 0 else torch.cat([t, t.new_zeros((missing, *t.shape[1:]))])
+    return {k: pad(v) for k, v in inputs.items()} if isinstance(inputs, dict) else pad(inputs)
 
 
 def _index_keys(plan: Plan, pending: dict[int, int]) -> set[str]:
@@ -513,16 +677,19 @@ def image_count(artifact: Artifact) -> int:
 
 # ---------------------------------------------------------------------------------------------- warm-up
 
-def warm_up(model: LoadedModel, runtime: Runtime, spec: PreprocessSpec) -> None:
+def warm_up(model: LoadedModel, runtime: Runtime, preprocessor: Preprocessor) -> None:
     """One untimed batch first, so allocation, kernel selection or graph capture do not count as throughput."""
     if runtime.warmup_image:
-        pixels, _ = load_and_preprocess(Path(runtime.warmup_image).read_bytes(), spec)
+        inputs, _ = load_and_preprocess(Path(runtime.warmup_image).read_bytes(), preprocessor)
     else:
-        pixels = preprocess(builtin_warmup_image(), spec)
+        inputs = preprocessor.apply(builtin_warmup_image())
     count = runtime.batch_size if runtime.device.is_accelerator else 1
     started = time.perf_counter()
-    model.encode_images(torch.from_numpy(np.stack([pixels] * count)))
+    model.encode_images(model_inputs(_stack([inputs] * count), preprocessor, runtime))
     runtime.counters["warmup_seconds"] = time.perf_counter() - started
+    if getattr(model, "compiled", False):
+        log.info("first call of the compiled vision tower (the compile cost) took %.1fs",
+                 runtime.counters["warmup_seconds"])
 
 
 def builtin_warmup_image():

@@ -21,7 +21,10 @@ class Runtime:
     models: ModelProvider
     device: DeviceChoice
     batch_size: int = 8
-    num_workers: int = 0
+    num_workers: int = 0  # decode workers to start with
+    max_workers: int = 0  # ... and at most (the tuner grows the count while it pays)
+    workers_fixed: bool = True  # encode.num_workers was set: no tuning
+    pad_to: int | None = None  # pad short batches to this size (accelerators: fixed shapes)
     chunk_size: int = 1024  # mean images per checkpoint chunk: what a crash can cost
     timeout: float = 60.0  # seconds per image; longer is a transient error, tried again by the next run
     warmup_image: str | None = None

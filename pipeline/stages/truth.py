@@ -13,7 +13,7 @@ from .discover import Records, display_path
 
 log = logging.getLogger(__name__)
 
-VERSION = 3
+VERSION = 4
 # Besides this module, the code that decides its output (tests/unit/test_stage_versions.py holds VERSION to it).
 CODE = ("pipeline.outputs.metrics", "pipeline.sources.manifest")
 TRUTH_FILE = "truth.parquet"
@@ -48,7 +48,8 @@ def _truth_labels(path) -> set[str]:
 
     labels: set[str] = set()
     for batch in pq.ParquetFile(path).iter_batches(columns=["truth"]):
-        labels |= set(pc.unique(batch.column("truth")).to_pylist())
+        for value in pc.unique(batch.column("truth")).to_pylist():
+            labels |= set(value.split(metrics.TRUTH_SEPARATOR))  # a multi-label truth is a set
     return labels
 
 

@@ -21,7 +21,7 @@ from PIL import Image
 from . import synthetic
 from pipeline.imaging import PreprocessSpec, load_and_preprocess
 
-# Architectures of the two real models, from their published config.json files (no download).
+# Architectures of real models, from their published config.json files (no download).
 REAL_MODELS = {
     "clip-vit-large-patch14": {
         "family": "clip",
@@ -43,22 +43,30 @@ REAL_MODELS = {
             projection_dim=512),
         "processor": dict(size={"height": 224, "width": 224}, do_center_crop=False),
     },
+    "siglip-base-patch16-224": {
+        "family": "siglip",
+        "config": dict(
+            text_config=dict(vocab_size=32000, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                             num_attention_heads=12, max_position_embeddings=64),
+            vision_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                               num_attention_heads=12, image_size=224, patch_size=16)),
+        "processor": dict(size={"height": 224, "width": 224}),
+    },
 }
+FAMILY_CLASSES = {"clip": ("CLIPConfig", "CLIPModel", "CLIPImageProcessorPil"),
+                  "chinese_clip": ("ChineseCLIPConfig", "ChineseCLIPModel", "ChineseCLIPImageProcessorPil"),
+                  "siglip": ("SiglipConfig", "SiglipModel", "SiglipImageProcessorPil")}
 MIXED_SIZES = [(320, 240), (640, 480), (500, 375), (1024, 768), (1600, 1200), (2048, 1536), (4000, 3000)]
 
 
 def build_real_size_model(name: str, out: Path, tokenizer_from: Path) -> Path:
     """Save a randomly initialised model of the real architecture, in the real format, with a tokenizer."""
-    from transformers import (ChineseCLIPConfig, ChineseCLIPImageProcessorPil, ChineseCLIPModel, CLIPConfig,
-                              CLIPImageProcessorPil, CLIPModel)
+    import transformers
 
     spec = REAL_MODELS[name]
+    config_cls, model_cls, processor_cls = (getattr(transformers, n) for n in FAMILY_CLASSES[spec["family"]])
     torch.manual_seed(0)
-    if spec["family"] == "clip":
-        model, processor = CLIPModel(CLIPConfig(**spec["config"])), CLIPImageProcessorPil(**spec["processor"])
-    else:
-        model = ChineseCLIPModel(ChineseCLIPConfig(**spec["config"]))
-        processor = ChineseCLIPImageProcessorPil(**spec["processor"])
+    model, processor = model_cls(config_cls(**spec["config"])), processor_cls(**spec["processor"])
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     processor.save_pretrained(out)
@@ -103,6 +111,9 @@ def median_time(fn: Callable[[], object], repeats: int, device: torch.device | s
 # GEMM shapes for the peak probe: square ones, and those of a ViT MLP on a batch of 8 (B/16: 8 x 197 tokens, width
 # 768; L/14: 8 x 257 tokens, width 1024). The peak is the best median over all of them.
 PEAK_SHAPES = [(2048, 2048, 2048), (3072, 3072, 3072), (1576, 768, 3072), (2056, 1024, 4096)]
+ACCELERATOR_SHAPES = [(8192, 8192, 8192)]  # a GPU's peak needs large GEMMs (3072^3 stays below an H200's)
+# Dense half-precision peaks from the datasheets, to set the measured peak beside (TFLOP/s).
+DATASHEET_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0}
 
 
 def matmul_gflops(m: int, k: int, n: int, seconds: float = 1.0, rounds: int = 5,
@@ -124,11 +135,29 @@ def matmul_gflops(m: int, k: int, n: int, seconds: float = 1.0, rounds: int = 5,
 
 def peak_matmul_gflops(seconds: float = 1.0, rounds: int = 5, device: torch.device | str = "cpu",
                        dtype: torch.dtype = torch.float32) -> float:
+    shapes = PEAK_SHAPES + (ACCELERATOR_SHAPES if torch.device(device).type != "cpu" else [])
     return max(matmul_gflops(*shape, seconds=seconds, rounds=rounds, device=device, dtype=dtype)
-               for shape in PEAK_SHAPES)
+               for shape in shapes)
+
+
+def datasheet_tflops(device: torch.device | str) -> float | None:
+    """The device's dense half-precision peak from its datasheet, when it is one we know."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in DATASHEET_TFLOPS.items() if key in name), None)
+
+
+def cpu_copy(model):
+    """The same architecture on the CPU (random weights: FLOPs do not depend on them), to count the FLOPs of a
+    model that lives on an accelerator."""
+    return type(model)(model.config).eval()
 
 
 def count_flops(fn: Callable[[], object]) -> float:
+    """FLOPs of one call, counted by torch's FlopCounterMode. Count on the CPU: on an NPU fused kernels
+    (npu_fusion_attention) escape the counter."""
     from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False) as counter, torch.inference_mode():

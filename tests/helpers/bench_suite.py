@@ -18,6 +18,7 @@ import torch
 
 from pipeline import workflow
 from pipeline.config import PROJECT_ROOT, compose as compose_config, quote_override_value
+from pipeline.workflow import ACCELERATOR_BATCH, CPU_BATCH
 from pipeline.devices import cpu_count, resolve
 from pipeline.imaging import PreprocessSpec, load_and_preprocess
 from pipeline.models import LoadedModel, inspect_model_dir
@@ -26,12 +27,16 @@ from . import bench as B
 from . import synthetic
 
 TINY = {"clip": PROJECT_ROOT / "tests/assets/models/tiny-clip",
-        "chinese_clip": PROJECT_ROOT / "tests/assets/models/tiny-chinese-clip"}
+        "chinese_clip": PROJECT_ROOT / "tests/assets/models/tiny-chinese-clip",
+        "siglip": PROJECT_ROOT / "tests/assets/models/tiny-siglip"}
 
 
 def compose(*overrides: str):
-    # "discover to parquet": no report.html, and no ground truth.
-    return compose_config(["progress=false", "device=cpu", "report=false", "dataset.truth=null", *overrides])
+    # "discover to parquet": no report.html, and no ground truth. The runs in this process use torch (runs on
+    # exported runtimes are measured each in its own process, see bench_runtimes): a long-lived process that had
+    # OpenVINO loaded died of SIGSEGV here while waiting on a child process, which a user's run never does.
+    return compose_config(["progress=false", "device=cpu", "report=false", "dataset.truth=null", "model.runtime=torch",
+                           *overrides])
 
 
 def label_sets(family: str, count: int) -> list[str]:
@@ -44,7 +49,8 @@ def ours_config(model_dir: Path, images: Path, labels: list[str], work: Path, ba
     return compose(f"model.path={model_dir}", f"dataset.path={images}", "labels=custom",
                    f"labels.list={json.dumps(labels, ensure_ascii=False)}",
                    f"labels.template={quote_override_value(template)}", f"encode.batch_size={batch}",
-                   f"cache_dir={work / 'cache'}", f"output_dir={work / 'out'}", *device_overrides(args))
+                   f"cache_dir={work / 'cache'}", f"output_dir={work / 'out'}",
+                   *device_overrides(args))  # on torch, as the ceiling and the HF pipeline
 
 
 def warmup_alone_seconds(loaded: LoadedModel, batch: int) -> float:
@@ -74,7 +80,9 @@ def run_ours_once(cfg, work: Path, loaded: LoadedModel, warmup: float) -> dict:
     for stage in ("discover", "encode_labels", "classify", "publish"):
         profile[f"{stage}_seconds"] = summary.stage_seconds(stage)
     profile["other_seconds"] = seconds - sum(profile.values())
-    return {"images": summary.classified, "seconds": seconds, "profile": profile}
+    return {"images": summary.classified, "seconds": seconds, "profile": profile,
+            "decode_workers": counters.get("decode_workers"),
+            "stage_seconds": {r.name: summary.stage_seconds(r.name) for r in summary.reports}}
 
 
 PROFILE_COUNTERS = ("model_seconds", "data_wait_seconds", "chunk_write_seconds")
@@ -129,10 +137,12 @@ def bench_real_model(name: str, args, work: Path, images_all: list[Path], peaks:
 
     pixels = torch.from_numpy(np.stack([load_and_preprocess(p.read_bytes(), loaded.spec)[0] for p in paths]))
     on_device = pixels[:1].to(loaded.choice.device, loaded.choice.dtype)
-    vision_flops = B.count_flops(lambda: loaded.model.get_image_features(pixel_values=on_device))
+    counted = loaded.model if loaded.choice.device.type == "cpu" else B.cpu_copy(loaded.model)
+    vision_flops = B.count_flops(lambda: counted.get_image_features(
+        pixel_values=on_device.to(counted.device, next(counted.parameters()).dtype)))
     tokens = loaded.tokenizer([template.replace("_", label_sets(family, 1)[0])], return_tensors="pt")
     tokens = tokens.to(loaded.choice.device)
-    text_flops = B.count_flops(lambda: loaded.model.get_text_features(**tokens))
+    text_flops = B.count_flops(lambda: counted.get_text_features(**tokens.to(counted.device)))
     result.update(vision_gflop_per_image=vision_flops / 1e9, text_gflop_per_label=text_flops / 1e9,
                   prompt_tokens=int(tokens["input_ids"].shape[1]))
 
@@ -171,11 +181,11 @@ def device_overrides(args) -> list[str]:
     return [f"device.type={args.device}", f"device.dtype={args.dtype}", "device.cpu_half=true"]
 
 
-DATA_PATH_BATCH = 64  # a batch size one would run on an accelerator
 
 
 def bench_data_path(args, work: Path, images_all: list[Path]) -> dict:
-    """Tiny model (cost near zero): our images/s against plain Pillow decode+preprocess in one process per core."""
+    """Tiny model (cost near zero), default settings (workers adapted by the tuner, default batch): our images/s
+    against a plain Pillow decode+preprocess loop in one process per core."""
     loaded = LoadedModel(inspect_model_dir(TINY["clip"]), resolve(args.device, args.dtype, cpu_half=True))
     images = work / "images-datapath"
     images.mkdir(exist_ok=True)
@@ -184,28 +194,21 @@ def bench_data_path(args, work: Path, images_all: list[Path]) -> dict:
     cores = cpu_count()
     cfg = compose(f"model.path={TINY['clip']}", f"dataset.path={images}", "labels=custom",
                   f"labels.list={quote_override_value(','.join(synthetic.shape_labels()))}",
-                  f"encode.num_workers={cores}", f"encode.batch_size={DATA_PATH_BATCH}",
-                  f"cache_dir={work / 'dp' / 'cache'}",
-                  f"output_dir={work / 'dp' / 'out'}", *device_overrides(args))
-    ours, raw = [], []
-    # The tiny model stands in for an accelerator, which one host thread drives: on a CPU device it gets one
-    # thread, so that it does not fight the decode workers for the cores as a CPU model of real size would.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        warmup = warmup_alone_seconds(loaded, DATA_PATH_BATCH)
-        for _ in range(args.repeats):  # alternating, like the model measurements
-            run = run_ours_once(cfg, work / "dp", loaded, warmup)
-            ours.append(run["images"] / run["seconds"])
-            raw.append(B.plain_pillow_rate(images_all, loaded.spec, cores, 1))
-    finally:
-        torch.set_num_threads(threads)
+                  f"cache_dir={work / 'dp' / 'cache'}", f"output_dir={work / 'dp' / 'out'}", *device_overrides(args))
+    ours, raw, workers = [], [], []
+    batch = ACCELERATOR_BATCH if loaded.choice.is_accelerator else CPU_BATCH
+    warmup = warmup_alone_seconds(loaded, batch)
+    for _ in range(args.repeats):  # alternating, like the model measurements
+        run = run_ours_once(cfg, work / "dp", loaded, warmup)
+        ours.append(run["images"] / run["seconds"])
+        workers.append(run["decode_workers"])
+        raw.append(B.plain_pillow_rate(images_all, loaded.spec, cores, 1))
     small = next(p for p in images_all if "500x375" in p.name)
     large = next(p for p in images_all if "4000x3000" in p.name)
     from transformers import CLIPImageProcessorPil
 
     l14_spec = PreprocessSpec.from_hf(CLIPImageProcessorPil())
-    return {"images": len(images_all), "workers": cores, "cores": cores,
+    return {"images": len(images_all), "workers": workers, "cores": cores,
             "ours_img_per_s": float(np.median(ours)), "plain_pillow_img_per_s": float(np.median(raw)),
             "decode_ms_500x375": B.decode_ms(small, l14_spec), "decode_ms_4000x3000": B.decode_ms(large, l14_spec)}
 
@@ -231,61 +234,127 @@ def draft_effect(work: Path, images_all: list[Path]) -> dict:
     return out
 
 
-def bench_options(args, work: Path, images_all: list[Path]) -> dict:
-    """Options that might pay on a CPU, against plain eager fp32 on the B/16 vision tower, side by side:
-    torch.compile (inductor) and int8 dynamic quantisation of the Linear layers, with their precision (cosine of
-    the image embeddings against eager fp32; on the fixture models, top-1 agreement on the mixed JPEGs). int8 is
-    what device.dtype=int8 runs."""
-    import copy
+RUNTIME_VARIANTS = [("torch", "fp32"), ("torch", "int8"), ("onnxruntime", "fp32"), ("onnxruntime", "int8"),
+                    ("openvino", "fp32"), ("openvino", "int8")]
 
-    from pipeline.models import quantize_linear_int8
 
-    name = "chinese-clip-vit-base-patch16"
-    model_dir = work / name
+def bench_runtimes(args, work: Path, images_all: list[Path]) -> dict:
+    """The CPU runtimes side by side on real-size models: torch, ONNX Runtime and OpenVINO, each in fp32 and int8,
+    end to end (our pipeline, discover to parquet, 10 labels; the export and its calibration are cached stages,
+    made once before the timing and reported apart) and the vision tower alone, with each one's precision against
+    torch fp32 (minimum embedding cosine over the images). Each measurement is its own process, as a user's run
+    is (runtimes' thread pools never meet), and the variants alternate repeat by repeat."""
+    return {name: _bench_runtimes_of(name, args, work, images_all)
+            for name in [m for m in args.runtime_models.split(",") if m]}
+
+
+def _bench_runtimes_of(name: str, args, work: Path, images_all: list[Path]) -> dict:
+    family = B.REAL_MODELS[name]["family"]
+    model_dir = TINY[family] if args.quick else work / name
     if not (model_dir / "config.json").exists():
-        B.build_real_size_model(name, model_dir, TINY["chinese_clip"])
-    loaded = LoadedModel(inspect_model_dir(model_dir), resolve("cpu", "fp32"))
-    paths = images_all[: 2 * args.batch]
+        B.build_real_size_model(name, model_dir, TINY[family])
+    n = 4 if args.quick else args.runtime_images_large if "large" in name else args.runtime_images_base
+    images = work / f"runtime-images-{name}"
+    images.mkdir(exist_ok=True)
+    for p in images_all[:n]:
+        shutil.copy(p, images / p.name)
+    template = "一张_的照片。" if family == "chinese_clip" else "a photo of a _."
+    base = {"model_dir": str(model_dir), "images": str(images), "labels": label_sets(family, 10),
+            "template": template, "batch": args.batch}
+    variants = {f"{r} {d}": {**base, "runtime": r, "dtype": d, "work": str(work / f"runtime-{name}-{r}-{d}")}
+                for r, d in RUNTIME_VARIANTS}
+    export_seconds = {key: _variant_process({**v, "prepare": True})["export_seconds"] for key, v in variants.items()}
+    runs: dict[str, list[dict]] = {key: [] for key in variants}
+    for repeat in range(args.repeats):  # round-robin, so that noise hits every variant alike
+        for key, v in variants.items():
+            runs[key].append(_variant_process({**v, "prepare": False, "save_embeddings": repeat == 0}))
+    reference = np.load(Path(variants["torch fp32"]["work"]) / "embeddings.npy")
+    out = {"images": n, "batch_size": args.batch}
+    for key, v in variants.items():
+        cosine = (np.load(Path(v["work"]) / "embeddings.npy") * reference).sum(axis=1)
+        out[key] = {**{m: float(np.median([r[m] for r in runs[key]])) for m in
+                       ("e2e_img_per_s", "per_image_img_per_s", "tower_img_per_s", "once_per_run_seconds")},
+                    "min_cosine_vs_torch_fp32": float(cosine.min()), "export_seconds": export_seconds[key],
+                    "stage_seconds": runs[key][len(runs[key]) // 2]["stage_seconds"]}
+    return out
+
+
+def _variant_process(spec: dict) -> dict:
+    """One runtime variant measured in a fresh process (`python -m tests.helpers.bench_suite SPEC`)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "tests.helpers.bench_suite", json.dumps(spec, ensure_ascii=False)],
+                          cwd=PROJECT_ROOT, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"{spec['runtime']} {spec['dtype']} failed ({proc.returncode}): {proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def measure_variant(spec: dict) -> dict:
+    """In the variant's own process: `prepare` makes the export (timed); otherwise our pipeline end to end once
+    (the export cached), then the vision tower alone on the same images, preprocessed beforehand."""
+    work = Path(spec["work"])
+    cfg = compose(f"model.path={spec['model_dir']}", f"dataset.path={spec['images']}", "labels=custom",
+                  f"labels.list={json.dumps(spec['labels'], ensure_ascii=False)}",
+                  f"labels.template={quote_override_value(spec['template'])}", f"encode.batch_size={spec['batch']}",
+                  f"model.runtime={spec['runtime']}", f"device.dtype={spec['dtype']}", f"cache_dir={work / 'cache'}",
+                  f"output_dir={work / 'out'}")
+    if spec["prepare"]:
+        first = workflow.run(cfg)
+        return {"export_seconds": first.stage_seconds("export_towers") + first.stage_seconds("calibration")}
+    run = run_ours_once(cfg, work, None, 0.0)
+    summary = workflow.run(cfg)  # all cached: where the export lies
+    export = summary.artifacts["export_towers"].path if "export_towers" in summary.artifacts else None
+    loaded = LoadedModel(inspect_model_dir(spec["model_dir"]), resolve("cpu", spec["dtype"]), export=export)
+    paths = sorted(Path(spec["images"]).iterdir())
     pixels = torch.from_numpy(np.stack([load_and_preprocess(p.read_bytes(), loaded.spec)[0] for p in paths]))
-    vision = loaded.model.vision_model
-
-    def embed(model, batch):
-        with torch.inference_mode():
-            return model(pixel_values=batch).pooler_output
-
-    variants = {"eager": vision, "int8_dynamic": quantize_linear_int8(copy.deepcopy(vision))}
-    started = time.perf_counter()
-    variants["compile"] = torch.compile(copy.deepcopy(vision))
-    embed(variants["compile"], pixels[: args.batch])  # compile outside the timing
-    compile_seconds = time.perf_counter() - started
-    reference = embed(vision, pixels)
-    rates = {k: [] for k in variants}
-    for _ in range(args.repeats):  # round-robin, so that noise hits every variant alike
-        for key, model in variants.items():
-            seconds = B.median_time(lambda: [embed(model, b) for b in torch.split(pixels, args.batch)], 1)
-            rates[key].append(len(pixels) / seconds)
-    out = {"model": name, "images": len(pixels), "compile_seconds": compile_seconds}
-    for key, model in variants.items():
-        cos = torch.nn.functional.cosine_similarity(embed(model, pixels), reference, dim=-1)
-        out[key] = {"img_per_s": float(np.median(rates[key])), "min_cosine_vs_eager": float(cos.min())}
-    out["int8_fixture_top1_agreement"] = _int8_fixture_agreement(paths)
-    return out
+    loaded.encode_images(pixels[: spec["batch"]])  # warm-up
+    seconds = B.median_time(lambda: [loaded.encode_images(b) for b in torch.split(pixels, spec["batch"])], 1)
+    if spec.get("save_embeddings"):
+        np.save(work / "embeddings.npy", loaded.encode_images(pixels))
+    # The per-image part of the run: decoding, the towers and chunk writes (encode_images less its warm-up);
+    # the rest (model load, warm-up, labels, calibration check, classify, outputs) is paid once per run.
+    per_image = run["stage_seconds"]["encode_images"] - run["profile"]["warmup_seconds"]
+    return {"e2e_img_per_s": run["images"] / run["seconds"], "per_image_img_per_s": run["images"] / per_image,
+            "tower_img_per_s": len(pixels) / seconds, "once_per_run_seconds": run["seconds"] - per_image,
+            "stage_seconds": run["stage_seconds"]}
 
 
-def _int8_fixture_agreement(paths: list[Path]) -> dict:
-    """Top-1 agreement of device.dtype=int8 with fp32 on the fixture models (pairs labels)."""
-    out = {}
-    for family, labels in (("clip", synthetic.pair_labels("en")), ("chinese_clip", synthetic.pair_labels("zh"))):
-        template = "一张_的照片。" if family == "chinese_clip" else "a photo of a _."
-        prompts = [template.replace("_", label) for label in labels]
-        pixels, top1 = None, []
-        for dtype in ("fp32", "int8"):
-            loaded = LoadedModel(inspect_model_dir(TINY[family]), resolve("cpu", dtype))
-            if pixels is None:  # the same preprocessing for both dtypes
-                pixels = torch.from_numpy(np.stack([load_and_preprocess(p.read_bytes(), loaded.spec)[0] for p in paths]))
-            top1.append((loaded.encode_images(pixels) @ loaded.encode_text(prompts).T).argmax(1))
-        out[family] = float((top1[0] == top1[1]).mean())
-    return out
+def _data_path_rows(report: dict) -> list[tuple[str, str, str]]:
+    rows = []
+    dp = report["data_path"]
+    rows += [
+        (f"data path (tiny model, {dp['images']} images, default settings; decode workers settled on "
+         f"{'/'.join(str(w) for w in dp['workers'])})", "", ""),
+        ("  ours img/s vs plain Pillow in one process per core",
+         f"{dp['ours_img_per_s']:.1f} / {dp['plain_pillow_img_per_s']:.1f} = "
+         f"{dp['ours_img_per_s'] / dp['plain_pillow_img_per_s']:.2f}", "target >= 0.80"),
+    ]
+    for size in ("500x375", "4000x3000"):
+        d = dp[f"decode_ms_{size}"]
+        rows.append((f"  decode+preprocess ms, {size} (ours / draft / HF)",
+                     f"{d['ours']:.1f} / {d['ours_draft']:.1f} / {d['hf_processor']:.1f}", ""))
+    for family, d in report["draft"].items():
+        rows.append((f"  draft vs full decode, {family}: top-1 agreement, max |dp|",
+                     f"{d['top1_agreement']:.3f}, {d['max_prob_diff']:.2e}", ""))
+    return rows
+
+
+def _runtime_rows(report: dict) -> list[tuple[str, str, str]]:
+    rows = []
+    for name, r in report.get("runtimes", {}).items():
+        base = r["torch fp32"]
+        rows.append((f"CPU runtimes, {name} ({r['images']} images, batch {r['batch_size']}, 10 labels)",
+                     "img/s (x torch fp32): end to end; per-image part; tower alone",
+                     "min cos; once-per-run s; export s"))
+        for key, v in r.items():
+            if isinstance(v, dict):
+                ratios = [f"{v[m]:.3f} ({v[m] / base[m]:.2f}x)" for m in
+                          ("e2e_img_per_s", "per_image_img_per_s", "tower_img_per_s")]
+                rows.append((f"  {key}", "; ".join(ratios), f"{v['min_cosine_vs_torch_fp32']:.4f}; "
+                             f"{v['once_per_run_seconds']:.1f}; {v['export_seconds']:.0f}"))
+    return rows
 
 
 def print_table(report: dict) -> None:
@@ -316,43 +385,25 @@ def print_table(report: dict) -> None:
         ]
         for count in (10, 1000):
             ours, hf = m[f"ours_{count}"], m[f"hf_{count}"]
-            rows.append((f"  ours / HF pipeline, {hf['labels']} labels", f"{ours['steady_img_per_s'] / hf['img_per_s']:.2f}x "
-                         f"(end to end {ours['img_per_s'] / hf['img_per_s']:.2f}x)", f"target >= {hf['target_ratio']:.2f}x"))
+            rows.append((f"  ours / HF pipeline, {hf['labels']} labels",
+                         f"{ours['steady_img_per_s'] / hf['img_per_s']:.2f}x "
+                         f"(end to end {ours['img_per_s'] / hf['img_per_s']:.2f}x)",
+                         f"target >= {hf['target_ratio']:.2f}x"))
             rows.append((f"    HF {hf['labels']} labels img/s; ours label encoding s",
                          f"{hf['img_per_s']:.4f}; {ours['label_encoding_seconds']:.2f}", ""))
-    dp = report["data_path"]
-    rows += [
-        (f"data path (tiny model, {dp['images']} images, {dp['workers']} workers)", "", ""),
-        ("  ours img/s vs plain Pillow in one process per core",
-         f"{dp['ours_img_per_s']:.1f} / {dp['plain_pillow_img_per_s']:.1f} = "
-         f"{dp['ours_img_per_s'] / dp['plain_pillow_img_per_s']:.2f}", "target >= 0.80"),
-    ]
-    for size in ("500x375", "4000x3000"):
-        d = dp[f"decode_ms_{size}"]
-        rows.append((f"  decode+preprocess ms, {size} (ours / draft / HF)",
-                     f"{d['ours']:.1f} / {d['ours_draft']:.1f} / {d['hf_processor']:.1f}", ""))
-    for family, d in report["draft"].items():
-        rows.append((f"  draft vs full decode, {family}: top-1 agreement, max |dp|",
-                     f"{d['top1_agreement']:.3f}, {d['max_prob_diff']:.2e}", ""))
-    if "options" in report:
-        opt = report["options"]
-        eager = opt["eager"]["img_per_s"]
-        rows.append((f"CPU options, {opt['model']} vision tower ({opt['images']} images)", "", ""))
-        for key in ("eager", "compile", "int8_dynamic"):
-            rows.append((f"  {key}: img/s, x eager, min cosine vs eager", f"{opt[key]['img_per_s']:.3f}, "
-                         f"{opt[key]['img_per_s'] / eager:.2f}x, {opt[key]['min_cosine_vs_eager']:.5f}", ""))
-        agree = opt["int8_fixture_top1_agreement"]
-        rows.append(("  int8 top-1 agreement on the fixtures (clip, chinese_clip)",
-                     f"{agree['clip']:.3f}, {agree['chinese_clip']:.3f}", f"compile took {opt['compile_seconds']:.0f}s"))
+    if "data_path" in report:
+        rows += _data_path_rows(report)
+    rows += _runtime_rows(report)
     probes = ", ".join(f"{p:.0f}" for p in report["peak_probes"])
     rows += [(f"peak matmul GFLOP/s ({report['dtype']}, best of probes)", f"{report['peak_gflops']:.1f}",
               f"probes: {probes}"),
              ("peak RSS MB", f"{report['peak_rss_mb']:.0f}", ""),
              ("wall time s", f"{report['seconds']:.0f}", "")]
-    width = max(len(r[0]) for r in rows) + 2
-    print(f"device {report['device']} {report['dtype']}, {report['cores']} cores, {report['torch_threads']} torch threads")
+    width, value_width = max(len(r[0]) for r in rows) + 2, max(34, max(len(r[1]) for r in rows) + 2)
+    print(f"device {report['device']} {report['dtype']}, {report['cores']} cores, "
+          f"{report['torch_threads']} torch threads")
     for name, value, note in rows:
-        print(f"{name:<{width}}{value:<34}{note}")
+        print(f"{name:<{width}}{value:<{value_width}}{note}")
 
 
 def run_bench(args) -> dict:
@@ -368,11 +419,13 @@ def run_bench(args) -> dict:
         peaks = [probe_peak(args)]
         report = {"device": str(resolve(args.device, args.dtype, cpu_half=True).device), "dtype": args.dtype,
                   "cores": cpu_count(), "torch_threads": torch.get_num_threads(), "models": []}
-        report["data_path"] = bench_data_path(args, work, images_all[: args.datapath_images])
-        report["draft"] = draft_effect(work, images_all)
-        if args.options:
-            report["options"] = bench_options(args, work, images_all)
-        for name in [m for m in args.models.split(",") if m]:
+        if not args.runtimes_only:
+            report["data_path"] = bench_data_path(args, work, images_all[: args.datapath_images])
+            report["draft"] = draft_effect(work, images_all)
+        if args.device == "cpu" and args.runtime_models:
+            report["runtimes"] = bench_runtimes(args, work, images_all)
+            print(f"[bench] runtimes done at {time.perf_counter() - started:.0f}s", flush=True)
+        for name in [m for m in args.models.split(",") if m and not args.runtimes_only]:
             report["models"].append(bench_real_model(name, args, work, images_all, peaks))
             print(f"[bench] {name} done at {time.perf_counter() - started:.0f}s", flush=True)
     # The machine's peak is the best of all probes; each model's limit uses it.
@@ -383,3 +436,11 @@ def run_bench(args) -> dict:
     report["seconds"] = time.perf_counter() - started
     (out / "bench.json").write_text(json.dumps(report, indent=1, ensure_ascii=False))
     return report
+
+
+if __name__ == "__main__":  # one runtime variant, measured in its own process (see _variant_process)
+    import logging
+    import sys
+
+    logging.basicConfig(level=logging.WARNING)
+    print(json.dumps(measure_variant(json.loads(sys.argv[1]))))

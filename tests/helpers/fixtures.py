@@ -367,6 +367,32 @@ def _image_features(model, pixel_values):
     return model.get_image_features(pixel_values=pixel_values).pooler_output
 
 
+def add_class_losses(loss, logits, uniq, sets, si, ci, cls_weight: float, aux, aux_weight: float, img_raw):
+    """`loss` plus the image-vs-all-classes terms of each kind (5 shapes, 6 colours, 30 pairs) in this step's
+    phrasing, and the auxiliary linear heads' (added in this order: the fixtures are bit-reproducible)."""
+    col = {int(c): j for j, c in enumerate(uniq)}
+    targets = {"shapes": si, "colors": ci, "pairs": si + len(S.SHAPES) * ci}
+    for kind, ids_ in sets.items():
+        cols = torch.tensor([col[int(c)] for c in ids_])
+        loss = loss + cls_weight * F.cross_entropy(logits[:, cols], targets[kind]) / len(sets)
+    if aux_weight:
+        loss = loss + aux_weight * (F.cross_entropy(aux["shapes"](img_raw), si)
+                                    + F.cross_entropy(aux["colors"](img_raw), ci)) / 2
+    return loss
+
+
+def optimiser_step(loss, model, opt, sched, named, non_finite: str) -> None:
+    if not torch.isfinite(loss):
+        raise FloatingPointError(non_finite)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for _, p in named], 1.0)
+    opt.step()
+    sched.step()
+    with torch.no_grad():
+        model.logit_scale.clamp_(0, math.log(100.0))
+
+
 def train(spec: TinySpec, model, tokenizer, pixels: torch.Tensor, shape_idx: torch.Tensor,
           color_idx: torch.Tensor, steps: int, seed: int, batch_size: int = 128, lr: float = 3e-3,
           cls_weight: float = 1.0, aux_weight: float = 1.0, normalize: Callable | None = None,
@@ -430,24 +456,8 @@ def train(spec: TinySpec, model, tokenizer, pixels: torch.Tensor, shape_idx: tor
         has = pos.sum(0) > 0  # captions with at least one matching image in the batch
         loss_t = -(pos[:, has] / pos[:, has].sum(0, keepdim=True) * logits[:, has].log_softmax(0)).sum(0).mean()
         loss = (loss_i + loss_t) / 2
-        # image vs all classes of each kind (5 shapes, 6 colours, 30 pairs) in this step's phrasing
-        col = {int(c): j for j, c in enumerate(uniq)}
-        targets = {"shapes": si, "colors": ci, "pairs": si + len(S.SHAPES) * ci}
-        for kind, ids_ in sets.items():
-            cols = torch.tensor([col[int(c)] for c in ids_])
-            loss = loss + cls_weight * F.cross_entropy(logits[:, cols], targets[kind]) / len(sets)
-        if aux_weight:
-            loss = loss + aux_weight * (F.cross_entropy(aux["shapes"](img_raw), si)
-                                        + F.cross_entropy(aux["colors"](img_raw), ci)) / 2
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"{spec.kind}: non-finite loss at step {step + 1}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for _, p in named], 1.0)
-        opt.step()
-        sched.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, math.log(100.0))
+        loss = add_class_losses(loss, logits, uniq, sets, si, ci, cls_weight, aux, aux_weight, img_raw)
+        optimiser_step(loss, model, opt, sched, named, f"{spec.kind}: non-finite loss at step {step + 1}")
         if log_every and (step % log_every == 0 or step == steps - 1):
             _log(f"  [{spec.kind}] step {step + 1}/{steps} loss {loss.item():.4f} "
                  f"scale {scale.item():.1f} ({time.time() - t0:.0f}s)")

@@ -254,8 +254,8 @@ def altclip_parts(texts: Sequence[str]):
     tokenizer = make_xlmr_tokenizer(texts, model_max_length=77)
     image_processor = clip_image_processor(56)
     hidden = 32
-    # text initializer_range 0.2, not 0.02: at 0.02 a random 2-layer RoBERTa gives every text the same
-    # embedding (all scores tie). RoBERTa positions start after the padding index: 77 tokens need 77 + 2 position embeddings
+    # text initializer_range 0.2, not 0.02: at 0.02 a random 2-layer RoBERTa gives every text the same embedding
+    # (all scores tie). RoBERTa positions start after the padding index: 77 tokens need 77 + 2 positions.
     text = dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=64, num_hidden_layers=2,
                 num_attention_heads=2, max_position_embeddings=77 + 2, project_dim=hidden,
                 pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
@@ -311,6 +311,8 @@ def _save(out: Path, model, processor, image_processor, kind: str) -> int:
     model.save_pretrained(out, safe_serialization=True)
     processor.save_pretrained(out)  # processor_config.json + tokenizer files
     image_processor.save_pretrained(out)  # preprocessor_config.json too, as on the Hub
+    for f in out.iterdir():
+        f.chmod(0o644)  # safetensors writes its file owner-only
     size = FX.dir_size(out)
     if size > MAX_BYTES:
         raise RuntimeError(f"{kind}: {out} is {size / 1e6:.2f} MB, over {MAX_BYTES / 1e6:.0f} MB")
@@ -351,16 +353,18 @@ def _siglip_text_inputs(tokenizer, texts: Sequence[str], padding="max_length") -
 
 
 def train_siglip(model, tokenizer, pixels: torch.Tensor, shape_idx: torch.Tensor, color_idx: torch.Tensor,
-                 steps: int, seed: int, batch_size: int = 128, lr: float = 3e-3, cls_weight: float = 1.0,
-                 aux_weight: float = 1.0, normalize: Callable | None = None, log_every: int = 500) -> float:
+                 steps: int, seed: int, batch_size: int = 128, lr: float = 3e-3, sigmoid_weight: float = 0.1,
+                 cls_weight: float = 1.0, aux_weight: float = 1.0, calibration_lr: float = 10.0,
+                 normalize: Callable | None = None, log_every: int = 500) -> float:
     """Train a ``SiglipModel`` in place; returns the seconds spent.
 
     Loss per step, on ``batch_size`` images (random flips / 90-degree turns) against the captions of the
     step (one random caption per image, plus every class of each kind written in one random phrasing):
 
-    * SigLIP's sigmoid loss, ``-log sigmoid(z * (t * cos + b))`` summed over captions, averaged over images,
-      with ``z = +1`` for every caption true of the image (it names only the image's shape and/or colour)
-      and ``-1`` otherwise: positives score above 0.5, the rest below, what multi-label use needs;
+    * ``sigmoid_weight`` x SigLIP's sigmoid loss, ``-log sigmoid(z * (t * cos + b))`` summed over captions,
+      averaged over images, with ``z = +1`` for every caption true of the image (it names only the image's
+      shape and/or colour) and ``-1`` otherwise: positives score above 0.5, the rest below, what multi-label
+      use needs. The logit scale ``t`` (at most 100) and bias ``b`` learn at ``calibration_lr`` x ``lr``;
     * ``cls_weight`` x cross-entropy of each image against the classes of each kind (the argmax task);
     * ``aux_weight`` x cross-entropy of throw-away linear shape/colour heads on the image embedding.
 
@@ -377,8 +381,10 @@ def train_siglip(model, tokenizer, pixels: torch.Tensor, shape_idx: torch.Tensor
     aux = torch.nn.ModuleDict({"shapes": torch.nn.Linear(dim, len(S.SHAPES)),
                                "colors": torch.nn.Linear(dim, len(S.COLORS))})
     named = list(model.named_parameters()) + [("aux." + n, p) for n, p in aux.named_parameters()]
-    decay = [p for n, p in named if p.ndim >= 2 and "embedding" not in n]
-    no_decay = [p for n, p in named if not (p.ndim >= 2 and "embedding" not in n)]
+    calibration = [model.logit_scale, model.logit_bias]
+    rest = [(n, p) for n, p in named if n not in ("logit_scale", "logit_bias")]
+    decay = [p for n, p in rest if p.ndim >= 2 and "embedding" not in n]
+    no_decay = [p for n, p in rest if not (p.ndim >= 2 and "embedding" not in n)]
     warm = max(1, min(100, steps // 10))
 
     def schedule(k):  # linear warm-up, cosine decay to 0
@@ -389,7 +395,8 @@ def train_siglip(model, tokenizer, pixels: torch.Tensor, shape_idx: torch.Tensor
     model.train()
     n = pixels.shape[0]
     t0 = time.time()
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0},
+                             {"params": calibration, "weight_decay": 0.0, "lr": lr * calibration_lr}],
                             lr=lr, betas=(0.9, 0.98), eps=1e-6)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     for step in range(steps):
@@ -414,24 +421,9 @@ def train_siglip(model, tokenizer, pixels: torch.Tensor, shape_idx: torch.Tensor
         cs, cc = bank.shape_idx[u], bank.color_idx[u]
         pos = (((cs[None, :] == -1) | (cs[None, :] == si[:, None]))
                & ((cc[None, :] == -1) | (cc[None, :] == ci[:, None]))).float()
-        loss = -F.logsigmoid((2 * pos - 1) * logits).sum(1).mean()
-        col = {int(c): j for j, c in enumerate(uniq)}
-        targets = {"shapes": si, "colors": ci, "pairs": si + len(S.SHAPES) * ci}
-        for kind, ids_ in sets.items():
-            cols = torch.tensor([col[int(c)] for c in ids_])
-            loss = loss + cls_weight * F.cross_entropy(logits[:, cols], targets[kind]) / len(sets)
-        if aux_weight:
-            loss = loss + aux_weight * (F.cross_entropy(aux["shapes"](img_raw), si)
-                                        + F.cross_entropy(aux["colors"](img_raw), ci)) / 2
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"siglip: non-finite loss at step {step + 1}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for _, p in named], 1.0)
-        opt.step()
-        sched.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, math.log(100.0))
+        loss = -sigmoid_weight * F.logsigmoid((2 * pos - 1) * logits).sum(1).mean()
+        loss = FX.add_class_losses(loss, logits, uniq, sets, si, ci, cls_weight, aux, aux_weight, img_raw)
+        FX.optimiser_step(loss, model, opt, sched, named, f"siglip: non-finite loss at step {step + 1}")
         if log_every and (step % log_every == 0 or step == steps - 1):
             _log(f"  [siglip] step {step + 1}/{steps} loss {loss.item():.4f} "
                  f"scale {model.logit_scale.exp().item():.1f} bias {model.logit_bias.item():.2f} "
@@ -441,7 +433,8 @@ def train_siglip(model, tokenizer, pixels: torch.Tensor, shape_idx: torch.Tensor
 
 
 def build_siglip(out_dir: str | os.PathLike, steps: int, seed: int, pool: torch.Tensor | None = None,
-                 pool_items: Sequence[S.Item] | None = None, n_pool: int = 48000, **train_kw) -> dict:
+                 pool_items: Sequence[S.Item] | None = None, n_pool: int = 48000, model_kw: dict | None = None,
+                 **train_kw) -> dict:
     """Tokenizer + SigLIP training + save. ``pool``: uint8 64x64 training pixels for ``pool_items``
     (rendered here from seed + 1, the same images as tiny-clip's, when not given)."""
     from transformers import SiglipProcessor
@@ -463,7 +456,7 @@ def build_siglip(out_dir: str | os.PathLike, steps: int, seed: int, pool: torch.
         _log(f"  [siglip] rendered {len(pool_items)} training images in {time.time() - t:.1f}s")
     s_idx = torch.tensor([list(S.SHAPES).index(it.shape) for it in pool_items])
     c_idx = torch.tensor([list(S.COLORS).index(it.color) for it in pool_items])
-    model = siglip_model(tokenizer)
+    model = siglip_model(tokenizer, **(model_kw or {}))
     n_params = sum(p.numel() for p in model.parameters())
     _log(f"  [siglip] {n_params / 1e6:.2f}M parameters, vocab {len(tokenizer)}")
     secs = train_siglip(model, tokenizer, pool, s_idx, c_idx, steps, seed,
@@ -559,8 +552,12 @@ def default_steps(kind: str) -> int:
 
 def make_families(out_root: str | os.PathLike, steps: int | None = None, seed: int = 0, only: str | None = None,
                   n_pool: int = 48000, eval_n: int = 300, eval_max_side: int = 4000) -> dict:
-    """Build the family fixtures under ``out_root``; ``only``: one of :data:`FAMILIES` (None: all)."""
-    torch.set_num_threads(2)
+    """Build the family fixtures under ``out_root``; ``only``: one of :data:`FAMILIES` (None: all).
+
+    On one thread: the bytes do not depend on the thread count (how float sums are split), and tiny models
+    gain little from a second thread, which costs a lot on a busy machine.
+    """
+    torch.set_num_threads(1)
     out_root = Path(out_root)
     report: dict = {}
     for kind in FAMILIES:

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 RECORD = Path(__file__).resolve().parents[1] / "assets" / "stage_code.json"
-STAGES = ("discover", "encode_labels", "encode_images", "truth", "classify")  # the cached or content stages
+STAGES = ("discover", "calibration", "export_towers", "encode_labels", "encode_images", "truth", "classify")  # the cached or content stages
 
 
 def _strip_docstrings(tree: ast.AST) -> ast.AST:

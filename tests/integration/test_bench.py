@@ -11,7 +11,7 @@ from tests.helpers import ROOT, run
 @pytest.mark.slow
 def test_bench_quick_reports_all_ratios(tmp_path):
     proc = run([sys.executable, str(ROOT / "jobs" / "bench.py"), "--quick", "--out", str(tmp_path),
-                "--models", "chinese-clip-vit-base-patch16"])
+                "--models", "chinese-clip-vit-base-patch16", "--runtime-models", "chinese-clip-vit-base-patch16"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "bench.json").read_text())
     model = report["models"][0]
@@ -28,6 +28,14 @@ def test_bench_quick_reports_all_ratios(tmp_path):
     assert report["data_path"]["ours_img_per_s"] > 0 and report["data_path"]["plain_pillow_img_per_s"] > 0
     assert set(report["draft"]) == {"clip", "chinese_clip"}
     assert 0 <= report["draft"]["clip"]["top1_agreement"] <= 1
-    for line in ("ours / ceiling", "where ours' time goes", "ours / HF pipeline, 10 labels", "ceiling / hardware limit",
+    runtimes = report["runtimes"]["chinese-clip-vit-base-patch16"]
+    assert sorted(k for k in runtimes if " " in k) == sorted(f"{r} {d}" for r in ("torch", "onnxruntime", "openvino")
+                                                             for d in ("fp32", "int8"))
+    for key, variant in runtimes.items():
+        if " " in key:
+            assert variant["e2e_img_per_s"] > 0 and variant["tower_img_per_s"] > 0, key
+            assert variant["min_cosine_vs_torch_fp32"] > (0.999999 if key.endswith("fp32") else 0.99), key
+    assert runtimes["openvino int8"]["export_seconds"] > 0
+    for line in ("CPU runtimes", "onnxruntime int8", "ours / ceiling", "where ours' time goes", "ours / HF pipeline, 10 labels", "ceiling / hardware limit",
                  "data path"):
         assert line in proc.stdout

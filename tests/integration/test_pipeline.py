@@ -164,7 +164,7 @@ def _no_image_read(monkeypatch):
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (("labels=pairs_zh",), "English CLIP and does not take Chinese"),
+    (("labels=pairs_zh",), r"\(clip\) is English-only and does not take Chinese"),
     (("labels.template=no placeholder",), "exactly one"),
     (("labels.template=_ and _",), "exactly one"),
     (("labels=custom", "labels.list=''"), "no labels"),

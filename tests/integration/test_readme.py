@@ -164,6 +164,8 @@ def _check(command: str, proc, ws: Path) -> None:
         assert "encode_images   reused" in (sweep / "2" / "classify.log").read_text()
     elif command.startswith("make precision"):
         assert "verdict               PASS" in proc.stdout
+        if "RUNTIME=openvino DTYPE=int8" in command:
+            assert "int8 on openvino batch" in proc.stdout
     elif "NPROC=2" in command:
         _all_labelled(ws / "results-2ranks", ["cat", "dog"])
         assert "shard 1/2 done" in log
@@ -176,6 +178,11 @@ def _check(command: str, proc, ws: Path) -> None:
         assert re.search(r"stage encode_images +(reused|resumed)", log)
         assert not re.search(r"encoded [1-9]\d* images", log)
         _all_labelled(_newest_run(ws), LABELS)
+    elif "RUNTIME=onnxruntime DTYPE=int8" in command:
+        run_dir = _newest_run(ws)
+        _all_labelled(run_dir, ["cat", "dog"])
+        assert read_metadata(run_dir / "predictions.parquet")["config"]["runtime"] == "onnxruntime"
+        assert "towers run on onnxruntime (int8 export" in log
     elif 'LABEL_LIST="cat,dog,red fox"' in command:
         _all_labelled(_newest_run(ws), LABELS)
     else:

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.engine.dag import entry_dirs
+
 from .conftest import (FULL, STATS, compare_outputs, job_command, leftovers, log_of, read_outputs, render_dataset,
                        run_job)
 
@@ -94,7 +96,7 @@ def test_kill_at_seal_of_image_embeddings_encodes_nothing_again(dataset, referen
                    env={"PIPELINE_FAULT": "stage.before_seal:3"})
     assert proc.returncode == -signal.SIGKILL
     stage_dir = tmp_path / "cache" / "encode_images"
-    entries = [p.name for p in stage_dir.iterdir() if p.is_dir() and p.name != "pool"]
+    entries = [p.name for p in entry_dirs(stage_dir)]
     assert len(entries) == 1 and entries[0].startswith(".tmp-")  # killed while sealing: no entry, its temp dir
     assert _finished_chunks(tmp_path / "cache") > 1
     STATS["faults injected"] += 1

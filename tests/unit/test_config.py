@@ -9,7 +9,7 @@ from omegaconf.errors import ValidationError
 
 from pipeline import workflow
 from pipeline.config import CONTENT, RESULT, RUNTIME, compose, roles, translate_flags
-from pipeline.engine import CACHED, CONTENT as CONTENT_STAGE, Runner
+from pipeline.engine import CACHED, CONTENT as CONTENT_STAGE, Artifact, Runner
 from tests.helpers import SAMPLE_IMAGES, TINY_CLIP, write_shards
 
 
@@ -17,7 +17,7 @@ def test_defaults_guess_nothing():
     cfg = compose([])
     assert cfg.model.path is None and cfg.labels.list is None and cfg.labels.file is None
     assert cfg.dataset.path is None and cfg.dataset.image is None
-    assert cfg.device.type.value == "auto" and cfg.encode.batch_size == 8
+    assert cfg.device.type.value == "auto" and cfg.device.dtype.value == "auto" and cfg.encode.batch_size is None
 
 
 @pytest.mark.parametrize("override", ["device.type=gpu", "encode.batch_size=abc", "labels.tempalte=x",
@@ -52,6 +52,8 @@ SAMPLE_IMAGE = sorted(SAMPLE_IMAGES.glob("*.jpg"))[0]
 # For every key of the schema: (overrides the comparison starts from, another value for the key).
 ALTERNATIVES = {
     "model.path": ([], None), "model.name": ([], "another-name"), "model.allow_pickle": ([], "true"),
+    "model.runtime": ([], "onnxruntime"),
+    "model.calibration_images": (["device.dtype=int8", "model.runtime=onnxruntime"], "8"),
     "labels.name": ([], "renamed"), "labels.list": ([], "'circle,square'"), "labels.file": ([], None),
     "labels.template": ([], "'a drawing of a _.'"), "labels.templates": ([], "['a _.','the _.']"),
     "dataset.path": ([], None), "dataset.image": ([], None), "dataset.extensions": ([], "[jpg]"),
@@ -60,11 +62,12 @@ ALTERNATIVES = {
     "dataset.storage_options": ([], "{anon:true}"), "dataset.retries": ([], "1"), "dataset.io_timeout": ([], "5"),
     "dataset.listing": ([], "job-7"),
     "device.type": ([], "auto"), "device.dtype": ([], "int8"), "device.index": ([], "0"),
-    "device.cpu_half": (["device.dtype=bf16"], "true"),
+    "device.cpu_half": (["device.dtype=bf16", "model.runtime=torch"], "true"),
     "encode.batch_size": ([], "3"), "encode.num_workers": ([], "2"), "encode.chunk_size": ([], "7"),
-    "encode.warmup_image": ([], str(SAMPLE_IMAGE)),
-    "preprocess.draft": ([], "true"), "preprocess.max_pixels": ([], "1000"), "preprocess.timeout": ([], "5"),
+    "encode.warmup_image": ([], str(SAMPLE_IMAGE)), "encode.compile": ([], "true"),
+    "preprocess.draft": ([], "true"), "preprocess.backend": ([], "device"), "preprocess.max_pixels": ([], "1000"), "preprocess.timeout": ([], "5"),
     "classify.topk": ([], "2"), "classify.min_score": ([], "0.5"), "classify.unknown_label": ([], "none"),
+    "classify.mode": (["model=tiny_siglip"], "multilabel"), "classify.threshold": ([], "0.3"),
     "parity.min_cosine": ([], "0.5"), "parity.min_top1_agreement": ([], "0.5"),
     "parity.reference_batch_size": ([], "3"), "shard.index": (["shard.count=2"], "1"), "shard.count": ([], "2"),
     "shard.timeout_hours": ([], "1"), "output_dir": ([], "elsewhere"), "cache_dir": ([], "elsewhere"),
@@ -119,9 +122,11 @@ def _downstream_fingerprints(compose_fixture, tmp_path, *overrides) -> dict[str,
     runner = Runner(pipeline.cache_dir, pipeline.runtime)
     upstream = runner.run(pipeline.stages, targets=("discover", "truth"))
     out = {name: art.fingerprint for name, art in upstream.items()}
-    for stage in pipeline.stages:
+    for stage in pipeline.stages:  # in DAG order: a stage's inputs are computed before it
         if stage.kind == CACHED and stage.name != "classify":
-            out[stage.name] = stage.fingerprint({arg: upstream[src] for arg, src in stage.inputs.items()})
+            fingerprint = stage.fingerprint({arg: upstream[src] for arg, src in stage.inputs.items()})
+            upstream[stage.name] = Artifact(stage.name, fingerprint, None)
+            out[stage.name] = upstream[stage.name].fingerprint
     return out
 
 

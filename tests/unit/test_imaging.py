@@ -5,7 +5,8 @@ import io
 import numpy as np
 import pytest
 from PIL import Image
-from transformers import ChineseCLIPImageProcessorPil, CLIPImageProcessorPil
+from transformers import (ChineseCLIPImageProcessorPil, CLIPImageProcessorPil, EfficientNetImageProcessorPil,
+                          SiglipImageProcessorPil)
 
 from pipeline.errors import ImageDecodeError
 from pipeline.imaging import PreprocessSpec, center_crop, decode, decode_bytes, load_and_preprocess, preprocess
@@ -19,6 +20,14 @@ PROCESSORS = {
     "tiny": CLIPImageProcessorPil(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64}),
     # a crop larger than the resize: exercises HF's zero padding
     "pad": CLIPImageProcessorPil(size={"shortest_edge": 40}, crop_size={"height": 48, "width": 56}),
+    # google/siglip-base-patch16-224 (and SigLIP2's fixed-resolution checkpoints): square bilinear, mean/std 0.5
+    "siglip-224": SiglipImageProcessorPil(),
+    # kakaobrain/align-base: EfficientNet's processor, 289 px, pixels in [-1, 1]
+    "align-289": EfficientNetImageProcessorPil(size={"height": 289, "width": 289}, crop_size={"height": 289,
+                                               "width": 289}, do_center_crop=True, rescale_factor=1 / 127.5,
+                                               rescale_offset=True, do_normalize=False, include_top=False),
+    # EfficientNet's own defaults: resize 346, crop 289, normalise, then divide by std again (include_top)
+    "efficientnet": EfficientNetImageProcessorPil(do_center_crop=True),
 }
 
 
@@ -45,7 +54,10 @@ def test_pixels_equal_hf_processor(name):
 
         rgb = to_rgb(img)
         ours = preprocess(rgb, spec)
-        theirs = processor(images=img, return_tensors="np")["pixel_values"][0]
+        # Processors that convert to RGB themselves get the raw image (so the conversions are compared too); the
+        # others (EfficientNet's) would keep one channel of a grey image, which no model takes: they get RGB.
+        given = img if getattr(processor, "do_convert_rgb", False) else rgb
+        theirs = processor(images=given, return_tensors="np")["pixel_values"][0]
         assert ours.shape == theirs.shape, label
         assert ours.dtype == np.float32
         assert np.abs(ours - theirs).max() <= 1e-4, label

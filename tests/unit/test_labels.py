@@ -43,7 +43,7 @@ def test_bad_label_sets():
 
 def test_chinese_labels_refused_by_english_clip():
     zh = build_label_set("x", "红色,blue", None, "a photo of a _.")
-    with pytest.raises(UserError, match="English CLIP.*红色"):
+    with pytest.raises(UserError, match="English-only.*红色"):
         check_language(zh, takes_chinese=False, model_path="m")
     check_language(zh, takes_chinese=True, model_path="m")
     with pytest.raises(UserError, match="template"):

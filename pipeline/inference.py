@@ -1,0 +1,173 @@
+"""Where the towers run: torch, or an export run by ONNX Runtime or OpenVINO (CPU).
+
+A `Towers` object turns model inputs into unnormalised embeddings, one tower at a time; `LoadedModel`
+(pipeline/models.py) does the rest (tokenising, normalising, scoring) the same way whatever runs the towers.
+Exports are made and cached by the `export_towers` stage (pipeline/export.py); this module only loads them.
+
+`model.runtime=auto` (the default) is torch, on every device. The exported runtimes are faster on a CPU
+(README "Performance", CPU runtimes) but opt-in: at batch 256 their peak memory grew with the number of images in
+a run (OpenVINO: 0.7 GB at 2k images, 1.2 GB at 20k, where torch stays at 0.57 GB), which breaks the promise
+that memory does not grow with the dataset.
+`make bench ARGS=--runtimes-only` re-measures them on another CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import importlib.util
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+TORCH, ONNXRUNTIME, OPENVINO = "torch", "onnxruntime", "openvino"
+RUNTIMES = (TORCH, ONNXRUNTIME, OPENVINO)
+EXPORTED = (ONNXRUNTIME, OPENVINO)
+EXPORTED_DTYPES = ("fp32", "int8")
+_MODULES = {ONNXRUNTIME: "onnxruntime", OPENVINO: "openvino"}
+_EXTRAS = {ONNXRUNTIME: "onnx", OPENVINO: "openvino"}
+TOWERS_FILE = "towers.json"  # in an export: which runtime, its files, the input names, and the model's scores
+
+
+def installed(runtime: str) -> bool:
+    return runtime == TORCH or importlib.util.find_spec(_MODULES[runtime]) is not None
+
+
+def resolve_runtime(requested: str, device_type: str, dtype: str, exportable: bool, family: str) -> str:
+    """The runtime a run uses: `auto` resolved, and a named one checked against the device, dtype and model."""
+    if requested not in (*RUNTIMES, "auto"):
+        raise UserError(f"model.runtime={requested!r} is not one of auto, {', '.join(RUNTIMES)}")
+    if requested in ("auto", TORCH):
+        return TORCH
+    if device_type != "cpu":
+        raise UserError(f"model.runtime={requested} runs on the CPU; this run's device is {device_type}: use "
+                        "model.runtime=torch (or auto) there")
+    if dtype not in EXPORTED_DTYPES:
+        raise UserError(f"model.runtime={requested} runs fp32 or int8, not {dtype}: set device.dtype=fp32 or int8, "
+                        "or model.runtime=torch")
+    if not exportable:
+        raise UserError(f"model.runtime={requested}: a {family} model's image inputs (variable patch counts and "
+                        "their shapes) do not export to a fixed graph; use model.runtime=torch")
+    if not installed(requested):
+        raise UserError(f"model.runtime={requested} needs the {_MODULES[requested]} package: "
+                        f"pip install -e '.[{_EXTRAS[requested]}]' (make install includes it)")
+    return requested
+
+
+def cpu_threads() -> int:
+    """The threads a CPU runtime may use: as many as torch takes (its default: the cores this process has)."""
+    return max(1, torch.get_num_threads())
+
+
+class TorchTowers:
+    """The HF model's own towers, on its device."""
+
+    runtime = TORCH
+
+    def __init__(self, model) -> None:
+        self.model = model
+
+    def image(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.model.get_image_features(**inputs).pooler_output
+
+    def text(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.model.get_text_features(**tokens).pooler_output
+
+
+class ExportedTowers:
+    """The towers of an export (ONNX Runtime or OpenVINO) on the CPU; inputs and outputs as torch tensors."""
+
+    def __init__(self, runtime: str, folder: Path, files: dict, names: dict, threads: int) -> None:
+        self.runtime = runtime
+        self.names = names  # tower -> its input names, in the exported order
+        self._width = 0  # the widest image batch so far
+        load = _onnxruntime_session if runtime == ONNXRUNTIME else _openvino_model
+        self._run = {tower: load(folder / file, threads) for tower, file in files.items()}
+
+    @classmethod
+    def load(cls, folder: Path, threads: int | None = None) -> "ExportedTowers":
+        manifest = json.loads((folder / TOWERS_FILE).read_text(encoding="utf-8"))
+        return cls(manifest["runtime"], folder, manifest["files"], manifest["inputs"], threads or cpu_threads())
+
+    def image(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        # Short batches (a chunk's last, one shrunk by bad images) are padded to the widest batch so far: every new
+        # batch size is a new shape for the runtime, whose per-shape caches grew memory with the dataset.
+        count = next(iter(inputs.values())).shape[0]
+        self._width = max(self._width, count)
+        if count < self._width:
+            inputs = {name: torch.cat([value, value.new_zeros((self._width - count, *value.shape[1:]))])
+                      for name, value in inputs.items()}
+        return self._call("image", inputs)[:count]
+
+    def text(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self._call("text", tokens)
+
+    def _call(self, tower: str, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        missing = [name for name in self.names[tower] if name not in inputs]
+        if missing:
+            raise ValueError(f"the exported {tower} tower needs inputs {missing}")
+        feeds = {name: np.ascontiguousarray(inputs[name].cpu().numpy()) for name in self.names[tower]}
+        return torch.from_numpy(np.asarray(self._run[tower](feeds)))
+
+
+def read_scores(folder: Path) -> tuple[float, float | None]:
+    """(logit scale, logit bias) as the export recorded them from the fp32 model."""
+    scores = json.loads((folder / TOWERS_FILE).read_text(encoding="utf-8"))["scores"]
+    return float(scores["logit_scale"]), scores["logit_bias"]
+
+
+def _onnxruntime_session(path: Path, threads: int):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return lambda feeds: session.run(None, feeds)[0]
+
+
+def _openvino_model(path: Path, threads: int):
+    import openvino as ov
+
+    # f32 unless the export is int8: on CPUs with AVX512-BF16 or AMX OpenVINO would otherwise run fp32 models in
+    # bf16, which changes results; LATENCY: one stream over all threads, as each batch is one synchronous call.
+    with own_signal_stack():
+        compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32",
+                                                              "INFERENCE_NUM_THREADS": threads,
+                                                              "PERFORMANCE_HINT": "LATENCY"})
+    request = compiled.create_infer_request()
+    return lambda feeds: request.infer(feeds)[0]
+
+
+class _SignalStack(ctypes.Structure):
+    _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
+
+
+@contextlib.contextmanager
+def own_signal_stack():
+    """Give the thread back its own alternate signal stack (usually none) after OpenVINO compiles a model.
+
+    Compiling installs an alternate signal stack (11.5 kB) on the calling thread, and the memory goes when the
+    model goes. The next signal delivered to that thread (SIGCHLD, when a decode worker or a child process exits)
+    then finds no stack to run on, and the kernel kills the process with SIGSEGV: a long-lived process (a test
+    session, a benchmark, a multirun) died so, in waitpid or poll, minutes after its OpenVINO models were freed.
+    Python's handlers need no alternate stack."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        before = _SignalStack()
+        known = libc.sigaltstack(None, ctypes.byref(before)) == 0
+    except (OSError, AttributeError):  # no sigaltstack (Windows): nothing to keep
+        known = False
+    try:
+        yield
+    finally:
+        if known:
+            libc.sigaltstack(ctypes.byref(before), None)
