@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -115,19 +116,21 @@ def whole_case(work: Path, count: int) -> dict:
 
 def run_scale(out: Path, shard_sizes=(100_000, 10_000_000), whole=1_000_000, keep: bool = False) -> dict:
     out.mkdir(parents=True, exist_ok=True)
-    work = out / "work"
-    build_images(work)
-    started = time.perf_counter()
-    report = {"shards": [shard_case(work, n, max(1, n // 10_000)) for n in shard_sizes]}
-    print(f"[scale] shard cases done at {time.perf_counter() - started:.0f}s", flush=True)
-    if whole:
-        report["whole"] = whole_case(work, whole)
-    report["seconds"] = time.perf_counter() - started
-    (out / "scale.json").write_text(json.dumps(report, indent=1))
-    if not keep:
-        import shutil
-
-        shutil.rmtree(work, ignore_errors=True)
+    # The datasets are loops of links (imgs/l0 -> .): outside the project unless kept, because a tree walk that
+    # follows links (setuptools' egg_info, for one: `make install`) would never end in them.
+    work = out / "work" if keep else Path(tempfile.mkdtemp(prefix="scale-work-"))
+    try:
+        build_images(work)
+        started = time.perf_counter()
+        report = {"shards": [shard_case(work, n, max(1, n // 10_000)) for n in shard_sizes]}
+        print(f"[scale] shard cases done at {time.perf_counter() - started:.0f}s", flush=True)
+        if whole:
+            report["whole"] = whole_case(work, whole)
+        report["seconds"] = time.perf_counter() - started
+        (out / "scale.json").write_text(json.dumps(report, indent=1))
+    finally:
+        if not keep:
+            shutil.rmtree(work, ignore_errors=True)
     return report
 
 
