@@ -40,7 +40,7 @@ test-fast: $(STAMP) ## Unit tests and the small integration tests (under 2 minut
 reliability: $(STAMP) ## Fault-injection suite in full: 24 kill points, image zoo, concurrency, 100k-image memory
 	RELIABILITY_FULL=1 $(PY) -m pytest -q tests/reliability
 
-bench: $(STAMP) ## Benchmark: ours vs vision-tower ceiling vs HF pipeline vs hardware limit (about 9 min on 2 cores)
+bench: $(STAMP) ## Benchmark: ours vs ceiling vs HF pipeline vs hardware limit, and the CPU runtimes (about 36 min on 2 cores)
 	$(PY) jobs/bench.py $(ARGS)
 
 scale: $(STAMP) ## Memory, time and bytes read at 100k, 1M and 10M images (about 30 min on 2 cores)
