@@ -87,7 +87,6 @@ class ExportedTowers:
     def __init__(self, runtime: str, folder: Path, files: dict, names: dict, threads: int) -> None:
         self.runtime = runtime
         self.names = names  # tower -> its input names, in the exported order
-        self._width = 0  # the widest image batch so far
         load = _onnxruntime_session if runtime == ONNXRUNTIME else _openvino_model
         self._run = {tower: load(folder / file, threads) for tower, file in files.items()}
 
@@ -97,14 +96,7 @@ class ExportedTowers:
         return cls(manifest["runtime"], folder, manifest["files"], manifest["inputs"], threads or cpu_threads())
 
     def image(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        # Short batches (a chunk's last, one shrunk by bad images) are padded to the widest batch so far: every new
-        # batch size is a new shape for the runtime, whose per-shape caches grew memory with the dataset.
-        count = next(iter(inputs.values())).shape[0]
-        self._width = max(self._width, count)
-        if count < self._width:
-            inputs = {name: torch.cat([value, value.new_zeros((self._width - count, *value.shape[1:]))])
-                      for name, value in inputs.items()}
-        return self._call("image", inputs)[:count]
+        return self._call("image", inputs)
 
     def text(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
         return self._call("text", tokens)

@@ -253,6 +253,9 @@ def _towers_stages(cfg: DictConfig, runtime: Runtime, preprocessor, model_fp: st
                            preprocessor.spec is not None, info.family)
     if name not in EXPORTED:
         return []
+    # Every new batch size is a new shape for the runtime, whose per-shape caches grew memory with the dataset:
+    # short batches (a chunk's last, one shrunk by bad images) are padded to the batch size, as on accelerators.
+    runtime.pad_to = runtime.batch_size
     spec = preprocessor.spec
     size = spec.crop_hw or spec.resize_hw
     if size is None:

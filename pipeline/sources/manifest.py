@@ -42,7 +42,8 @@ class ManifestSource:
             check_reachable(self.remote, strip_protocol(self.location), "dataset.path (manifest)")
         elif not Path(self.location).is_file():
             raise UserError(f"manifest not found: '{self.location}' (dataset.path)")
-        self._check_columns(_read_schema(self.location, self.remote))
+        self.columns = _read_schema(self.location, self.remote)
+        self._check_columns(self.columns)
         self._table: pa.Table | None = None  # read when listed: a process that reuses a listing never reads it
         self._remotes: dict[str, Remote] = {}
 
@@ -81,7 +82,7 @@ class ManifestSource:
     def truth(self) -> pa.Table | None:
         from ..outputs.metrics import truth_table
 
-        if self.truth_column not in self.table.column_names:
+        if self.truth_column not in self.columns:  # known from the schema: the rows are read only for a truth
             return None
         return truth_table(self.table.column(self.path_column), self.table.column(self.truth_column))
 

@@ -7,6 +7,8 @@ The records file is Arrow IPC, uncompressed, read memory-mapped in slices: no pr
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import logging
 import os
 from pathlib import Path
@@ -20,7 +22,7 @@ from ..sources import RECORDS_SCHEMA
 
 log = logging.getLogger(__name__)
 
-VERSION = 4
+VERSION = 5
 # Besides this module, the code that decides its output (tests/unit/test_stage_versions.py holds VERSION to it).
 CODE = ("pipeline.sources", "pipeline.sources.folder", "pipeline.sources.manifest", "pipeline.sources.tars",
         "pipeline.sources.bucket", "pipeline.sources.remote")
@@ -39,12 +41,16 @@ def discover(ctx: StageContext, *, extensions: list[str], format: str, path_colu
 
 
 class Records:
-    """The records of a discover entry, memory-mapped: `count`, slices, and paths of a slice."""
+    """The records of a discover entry, memory-mapped: `count`, slices, and paths of a slice. A slice touches
+    only the record batches it overlaps, so its cost does not grow with the dataset (a shard of a 100M-image
+    job reads its paths a batch of images at a time)."""
 
     def __init__(self, artifact: Artifact | Path) -> None:
         self.path = artifact.file(RECORDS_FILE) if isinstance(artifact, Artifact) else Path(artifact)
         self._reader = ipc.open_file(pa.memory_map(str(self.path)))
-        self.count = sum(self._reader.get_batch(i).num_rows for i in range(self._reader.num_record_batches))
+        sizes = [self._reader.get_batch(i).num_rows for i in range(self._reader.num_record_batches)]
+        self._starts = [0, *itertools.accumulate(sizes)]  # first row of each batch, then the count
+        self.count = self._starts[-1]
 
     def batches(self) -> Iterator[pa.RecordBatch]:
         for i in range(self._reader.num_record_batches):
@@ -54,7 +60,13 @@ class Records:
         return self._reader.read_all()
 
     def slice(self, start: int, stop: int) -> pa.Table:
-        return self.table().slice(start, stop - start)
+        stop = min(stop, self.count)
+        if start >= stop:
+            return self._reader.schema.empty_table()
+        first = bisect.bisect_right(self._starts, start) - 1
+        last = bisect.bisect_left(self._starts, stop)  # one past the last batch that holds a row of the slice
+        batches = [self._reader.get_batch(i) for i in range(first, last)]
+        return pa.Table.from_batches(batches, self._reader.schema).slice(start - self._starts[first], stop - start)
 
     def paths(self, start: int = 0, stop: int | None = None) -> list[bytes]:
         stop = self.count if stop is None else stop

@@ -11,7 +11,7 @@ from ..engine import Artifact, StageContext
 from ..export import export
 from .calibration import read_calibration
 
-VERSION = 1
+VERSION = 2
 # Besides this module, the code that decides its output (tests/unit/test_stage_versions.py holds VERSION to it).
 CODE = ("pipeline.export", "pipeline.inference")
 

@@ -13,7 +13,7 @@ from .discover import Records, display_path
 
 log = logging.getLogger(__name__)
 
-VERSION = 4
+VERSION = 5
 # Besides this module, the code that decides its output (tests/unit/test_stage_versions.py holds VERSION to it).
 CODE = ("pipeline.outputs.metrics", "pipeline.sources.manifest")
 TRUTH_FILE = "truth.parquet"

@@ -56,6 +56,28 @@ def test_export_is_a_cached_entry_keyed_by_model_runtime_and_dtype(compose):
     assert labels["out"] == labels["other"] == labels["torch"]
 
 
+def test_exported_runtimes_see_one_image_batch_shape(compose, monkeypatch):
+    """Short batches (each chunk's last) are padded to the batch size: a new shape is a new compiled plan that the
+    runtime keeps, so the shapes it sees must not grow with the dataset. The padding never reaches a result."""
+    shapes = []
+    call = inference.ExportedTowers._call
+
+    def recording(self, tower, inputs):
+        if tower == "image":
+            shapes.append(tuple(next(iter(inputs.values())).shape))
+        return call(self, tower, inputs)
+
+    monkeypatch.setattr(inference.ExportedTowers, "_call", recording)
+    args = ("encode.batch_size=5", "encode.chunk_size=8", "report=false")
+    exported = workflow.run(compose("model.runtime=onnxruntime", *args))
+    assert len(shapes) > 3 and {s[0] for s in shapes} == {5}, shapes
+    reference = workflow.run(compose("model.runtime=torch", *args, out="torch"))
+    ours, theirs = (pq.read_table(s.out_dir / "predictions.parquet").to_pandas() for s in (exported, reference))
+    assert len(ours) == 38 and ours["path"].tolist() == theirs["path"].tolist()
+    assert ours["label"].tolist() == theirs["label"].tolist()
+    assert np.abs(np.stack(ours["probs"]) - np.stack(theirs["probs"])).max() < 1e-5
+
+
 def _images(tmp_path, names):
     folder = tmp_path / "images"
     folder.mkdir(exist_ok=True)

@@ -166,3 +166,40 @@ def test_tar_members_grouped_by_key_with_truth(tmp_path):
     with pytest.raises(ImageReadError) as info:
         list(source.members(b"s.tar"))
     assert info.value.kind == "TruncatedTar" and not info.value.transient
+
+
+def test_records_slices_read_only_the_batches_they_overlap(tmp_path):
+    """Slices of a records file with uneven batches equal the same slice of the whole table, at every edge."""
+    import pyarrow.ipc as ipc
+
+    from pipeline.sources import RECORDS_SCHEMA
+    from pipeline.stages.discover import Records
+
+    sizes, row = [3, 1, 5, 2], 0
+    with ipc.new_file(tmp_path / "records.arrow", RECORDS_SCHEMA) as writer:
+        for size in sizes:
+            paths = [b"p%02d" % (row + k) for k in range(size)]
+            writer.write_batch(pa.record_batch([paths, [1] * size, ["v"] * size], schema=RECORDS_SCHEMA))
+            row += size
+    records = Records(tmp_path / "records.arrow")
+    whole = [b"p%02d" % k for k in range(row)]
+    assert records.count == row == 11 and records.paths() == whole
+    for start in range(row + 1):
+        for stop in range(start, row + 2):
+            assert records.paths(start, stop) == whole[start:stop], (start, stop)
+
+
+def test_a_manifest_without_truth_is_not_read_for_it(tmp_path):
+    """The truth stage runs on every run: a manifest with no truth column answers from its schema, without reading
+    its rows (100M of them, at scale)."""
+    import pyarrow.parquet as pq
+
+    from pipeline.sources.manifest import ManifestSource
+
+    pq.write_table(pa.table({"path": ["b.jpg", "a.jpg"]}), tmp_path / "plain.parquet")
+    plain = ManifestSource(str(tmp_path / "plain.parquet"))
+    assert plain.truth() is None and plain._table is None
+    pq.write_table(pa.table({"path": ["b.jpg", "a.jpg"], "label": ["dog", "cat"]}), tmp_path / "labelled.parquet")
+    truth = ManifestSource(str(tmp_path / "labelled.parquet")).truth()
+    assert sorted(zip(truth.column("path").to_pylist(), truth.column("truth").to_pylist())) == \
+        [("a.jpg", "cat"), ("b.jpg", "dog")]
