@@ -195,6 +195,10 @@ def _stages(cfg: DictConfig, runtime: Runtime, label_set: LabelSet, model_name: 
         (runtime.device.is_accelerator and preprocessor.spec is not None)
     _check_family_options(cfg, info, preprocessor, draft)
     towers = _towers_stages(cfg, runtime, preprocessor, model_fp, draft)
+    # Each new batch size is a new shape for an exported runtime, whose per-shape caches grew memory with the
+    # dataset: its short batches are padded to the batch size, as on accelerators.
+    if towers:
+        runtime.pad_to = runtime.batch_size
     uses = {"towers": "export_towers"} if towers else {}
     labels = list(label_set.labels)
     metadata = {"model": {"name": model_name, "path": str(runtime.models.info.path), "fingerprint": model_fp,
@@ -253,9 +257,6 @@ def _towers_stages(cfg: DictConfig, runtime: Runtime, preprocessor, model_fp: st
                            preprocessor.spec is not None, info.family)
     if name not in EXPORTED:
         return []
-    # Every new batch size is a new shape for the runtime, whose per-shape caches grew memory with the dataset:
-    # short batches (a chunk's last, one shrunk by bad images) are padded to the batch size, as on accelerators.
-    runtime.pad_to = runtime.batch_size
     spec = preprocessor.spec
     size = spec.crop_hw or spec.resize_hw
     if size is None:
