@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import logging
 import os
@@ -35,6 +36,26 @@ class DeviceChoice:
     @property
     def is_accelerator(self) -> bool:
         return self.device.type != "cpu"
+
+
+MMAP_THRESHOLD = 1 << 20  # bytes: larger blocks are mapped on their own, and given back whole when freed
+_M_MMAP_THRESHOLD = -3  # mallopt's parameter number (glibc's malloc.h)
+
+
+def fix_mmap_threshold() -> bool:
+    """Fix glibc's mmap threshold at 1 MB for this process and the workers it forks; False where there is no
+    glibc (nothing to fix).
+
+    glibc raises the threshold to the size of each large block freed, up to 32 MB; later blocks of that size then
+    come from the heap arenas (one per thread), whose freed pages are not given back. A run frees a few MB per
+    batch, from the runtimes' own threads, so peak RSS grew with the number of batches: at batch 256 over 2,000
+    then 20,000 images, OpenVINO 0.71 -> 1.23 GB, ONNX Runtime 0.97 GB at 20,000, torch 0.54 -> 0.60 GB. With the
+    threshold fixed (which also stops the raising): OpenVINO 0.67 -> 0.69, ONNX Runtime 0.59 -> 0.62, torch
+    0.53 -> 0.55 GB."""
+    try:
+        return ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
+    except (OSError, AttributeError):
+        return False
 
 
 def cpu_count() -> int:

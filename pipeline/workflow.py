@@ -340,6 +340,7 @@ def run(cfg: DictConfig, preloaded: LoadedModel | None = None) -> RunSummary:
     from .engine.cache import BYTES_READ
 
     started, read_before, cache_before = time.perf_counter(), bytes_read(), dict(BYTES_READ)
+    devices.fix_mmap_threshold()  # before the first batch: memory that does not grow with the run's length
     shard = distributed.from_environment(cfg.shard.index, cfg.shard.count)
     pipeline = build(cfg, preloaded, shard.local_rank if shard.distributed else None,
                      shows_progress=not shard.distributed or shard.index == 0)
