@@ -28,9 +28,9 @@ from .inference import OPENVINO, TOWERS_FILE, own_signal_stack
 log = logging.getLogger(__name__)
 
 OPSET = 17  # LayerNormalization as one op
+_CALIBRATION_STRIDE = 8  # images whose activations are held at once while calibrating
 # A ViT's one Conv is its patch embedding: a sliver of its FLOPs, fed raw pixels, and the layer whose int8 error
 # OpenVINO amplified past make precision's 0.99 on the fixture model. EfficientNet (ALIGN) is nearly all Conv.
-_CALIBRATION_STRIDE = 8  # images whose activations are held at once while calibrating
 _QUANTISED_OPS = {"transformer": ["MatMul", "Gemm"], "convnet": ["MatMul", "Gemm", "Conv"]}
 
 

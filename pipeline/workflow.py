@@ -189,7 +189,7 @@ def _stages(cfg: DictConfig, runtime: Runtime, label_set: LabelSet, model_name: 
     info = runtime.models.info
     backend = cfg.preprocess.backend.value
     on_device = backend == "device" or (backend == "auto" and runtime.device.is_accelerator)
-    preprocessor = preprocessor_of(info, on_device=on_device and info.spec.images != "hf")
+    preprocessor = preprocessor_of(info, on_device=on_device)  # ignored where the family runs the HF processor
     spec = preprocessor.params
     draft = cfg.preprocess.draft if cfg.preprocess.draft is not None else \
         (runtime.device.is_accelerator and preprocessor.spec is not None)
