@@ -31,10 +31,10 @@ $(STAMP): pyproject.toml
 demo: $(STAMP) ## Classify the bundled sample images with the bundled tiny model
 	$(PY) jobs/classify.py dataset=sample model=tiny_clip labels=shapes
 
-# Two processes, a test file each at a time (module fixtures such as the README's workspace stay in one): most
-# tests wait on the jobs they start, so two share two cores well.
+# Two processes, a test module (or a class, where a module splits into classes) each at a time: see
+# tests/conftest.py. Most tests wait on the jobs they start, so two share two cores well.
 test: $(STAMP) ## Run the whole test suite (what CI runs)
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	$(PY) -m pytest -q -n 2 --dist loadscope
 
 test-fast: $(STAMP) ## Unit tests and the small integration tests (under 2 minutes): the edit loop
 	$(PY) -m pytest -q -m "not slow" tests/unit tests/integration

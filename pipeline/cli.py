@@ -1,6 +1,7 @@
 """What every entry point in jobs/ shares: the vendor flags, and one place that turns errors into exit codes.
 
-A job is compose (Hydra), run, report; a `UserError` anywhere is printed without a traceback and exits 2.
+A job is compose (Hydra), run, report; a `UserError` anywhere is printed without a traceback and exits 2, and
+so does a config Hydra refuses (a misspelt key, a value outside an enum's choices, which Hydra's message names).
 """
 
 from __future__ import annotations
@@ -14,11 +15,16 @@ from .config import register, translate_flags
 from .errors import EXIT_USER_ERROR, UserError
 
 
+_started = False  # set once a job's own code runs: Hydra composed the config
+
+
 def task(fn: Callable) -> Callable:
     """Wrap a job's main: a UserError becomes its message on the log and exit status 2."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        global _started
+        _started = True
         try:
             return fn(*args, **kwargs)
         except UserError as exc:
@@ -32,4 +38,11 @@ def launch(main: Callable[[], None]) -> None:
     """Run a Hydra main with the vendor example's flags (`--model_path ...`) rewritten into overrides."""
     register()
     sys.argv = [sys.argv[0], *translate_flags(sys.argv[1:])]
-    main()
+    try:
+        main()
+    except SystemExit as exc:
+        # Hydra prints why it could not compose the config and exits 1, before the job starts: that is bad user
+        # input, and exit 1 means "not classified" to the single-image mode.
+        if exc.code == 1 and not _started:
+            sys.exit(EXIT_USER_ERROR)
+        raise

@@ -3,11 +3,12 @@
 The dataclasses are the schema: `conf/` YAML files and command-line overrides are merged into them, so an
 unknown key or a wrong type (e.g. `device.type=gpu`, `encode.batch_size=abc`) fails at start-up.
 
-Every key also says what it does to results (`ROLE` in its field's metadata), and a test holds the stages to it:
-- `result`: decides outputs; it reaches a stage only as a hashed param, so changing it recomputes what it decides;
-- `content`: names an input whose content is fingerprinted (a model folder, the dataset, a label or truth file):
+Every key also says what it does to results (`ROLE` in its field's metadata), and tests hold the stages to it:
+- `result`: decides outputs; it reaches a stage only as a hashed param, so changing it recomputes what it decides
+  (and a run on a warm cache gives what the same run gives on an empty one: tests/integration/test_warm_cache.py);
+- `input`: names an input whose content is fingerprinted (a model folder, the dataset, a label or truth file):
   moving the input changes nothing, changing its content recomputes what depends on it;
-- `runtime`: changes only how the work is done (device, batch size, workers, where outputs go): never hashed.
+- `execution`: changes only how the work is done (device, batch size, workers, where outputs go): never hashed.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from .imaging import DEFAULT_MAX_PIXELS
 from .sources.folder import DEFAULT_EXTENSIONS
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-RESULT, CONTENT, RUNTIME = "result", "content", "runtime"
+RESULT, INPUT, EXECUTION = "result", "input", "execution"
 ROLE = "role"
 
 
@@ -50,6 +51,20 @@ class DType(enum.Enum):
     int8 = "int8"  # CPU only, vision tower: static (onnxruntime, openvino) or dynamic (torch) int8 quantisation
 
 
+class DatasetFormat(enum.Enum):
+    auto = "auto"  # from the value: a manifest's suffix, .tar or a brace pattern, a bucket URL, else a folder
+    folder = "folder"
+    manifest = "manifest"
+    tar = "tar"
+    bucket = "bucket"
+
+
+class CacheLock(enum.Enum):
+    auto = "auto"  # flock, or the soft lock where flock fails or holds on one node only (pipeline/engine/locks.py)
+    flock = "flock"
+    soft = "soft"
+
+
 class InferenceRuntime(enum.Enum):
     auto = "auto"
     torch = "torch"
@@ -60,12 +75,11 @@ class InferenceRuntime(enum.Enum):
 @dataclass
 class ModelConfig:
     # A local Hugging Face folder: config.json, *.safetensors, tokenizer, preprocessor.
-    path: Optional[str] = _key(CONTENT)
+    path: Optional[str] = _key(INPUT)
     name: Optional[str] = _key(RESULT)  # shown in outputs' metadata and reports; default: the folder's name
     # *.bin weights can run code when unpickled: off unless you trust the source.
-    allow_pickle: bool = _key(RUNTIME, False)
-    # What runs the towers: torch, or an export for onnxruntime or openvino (CPU, opt-in: faster, but their memory
-    # grew with the run's size; README "Performance"). auto: torch.
+    allow_pickle: bool = _key(EXECUTION, False)
+    # What runs the towers: torch, or an export for onnxruntime or openvino (CPU; README "Performance"). auto: torch.
     runtime: InferenceRuntime = _key(RESULT, InferenceRuntime.auto)
     # int8 with onnxruntime or openvino: images its activation ranges are calibrated on (the dataset's first ones)
     calibration_images: int = _key(RESULT, 64)
@@ -75,7 +89,7 @@ class ModelConfig:
 class LabelsConfig:
     name: str = _key(RESULT, "custom")
     list: Any = _key(RESULT)  # "cat,dog" (as the vendor's --label_list) or a YAML list of names or {name, prompt}
-    file: Optional[str] = _key(CONTENT)  # UTF-8, one label per line, '#' comments
+    file: Optional[str] = _key(INPUT)  # UTF-8, one label per line, '#' comments
     template: str = _key(RESULT, "a photo of a _.")  # exactly one '_' marks the label; '_' alone: bare label
     templates: Optional[List[str]] = _key(RESULT)  # a prompt ensemble; when set, it replaces `template`
 
@@ -84,41 +98,41 @@ class LabelsConfig:
 class DatasetConfig:
     # A folder (searched recursively), a manifest (.csv .tsv .parquet .jsonl), tar shards (.tar, a folder of them, a
     # brace pattern) or a bucket prefix (s3://, gs://); local or a URL. See pipeline/sources/.
-    path: Optional[str] = _key(CONTENT)
-    image: Optional[str] = _key(CONTENT)  # or one image: its label distribution is printed
-    format: str = _key(RESULT, "auto")  # auto | folder | manifest | tar | bucket: what dataset.path is
-    extensions: List[str] = _key(RESULT, factory=lambda: [e.lstrip(".") for e in DEFAULT_EXTENSIONS])
+    path: Optional[str] = _key(INPUT)
+    image: Optional[str] = _key(INPUT)  # or one image: its label distribution is printed
+    format: DatasetFormat = _key(RESULT, DatasetFormat.auto)  # what dataset.path is
+    extensions: List[str] = _key(RESULT, factory=lambda: list(DEFAULT_EXTENSIONS))
     path_column: str = _key(RESULT, "path")  # a manifest's column of image paths
     # null/auto: the source's own (a manifest's truth_column), else folder-per-class when every top folder is a
     # label; "folders"; or a CSV/parquet file with columns path,<truth_column>
-    truth: Optional[str] = _key(CONTENT)
+    truth: Optional[str] = _key(INPUT)
     truth_column: str = _key(RESULT, "label")
     truth_member: Optional[str] = _key(RESULT)  # tar shards: cls, txt or json.<field> holds each image's truth
     # fsspec options for remote sources (endpoint, credentials, anon=true...); the environment's are the default.
-    storage_options: Any = _key(RUNTIME)
-    retries: int = _key(RUNTIME, 3)  # remote reads: attempts after the first, with backoff (0.5 s, 1 s, 2 s ...)
+    storage_options: Any = _key(EXECUTION)
+    retries: int = _key(EXECUTION, 3)  # remote reads: attempts after the first, with backoff (0.5 s, 1 s, 2 s ...)
     # Runs given the same name share one listing (the first lists, the others reuse it); null: list afresh, except
     # that torchrun ranks share their job's listing, and so do the tasks of one SLURM array.
-    listing: Optional[str] = _key(RUNTIME)
-    io_timeout: float = _key(RUNTIME, 60.0)  # remote reads: seconds per request
+    listing: Optional[str] = _key(EXECUTION)
+    io_timeout: float = _key(EXECUTION, 60.0)  # remote reads: seconds per request
 
 
 @dataclass
 class DeviceConfig:
-    type: DeviceType = _key(RUNTIME, DeviceType.auto)
+    type: DeviceType = _key(EXECUTION, DeviceType.auto)
     dtype: DType = _key(RESULT, DType.auto)
-    index: Optional[int] = _key(RUNTIME)
+    index: Optional[int] = _key(EXECUTION)
     cpu_half: bool = _key(RESULT, False)  # run fp16/bf16 on a CPU anyway (slow there; for parity checks only)
 
 
 @dataclass
 class EncodeConfig:
-    batch_size: Optional[int] = _key(RUNTIME)  # null: 8 on a CPU, 128 on an accelerator
-    # null: adapted while the run goes (see pipeline/stages/encode_images.py WorkerTuner); a number fixes it
-    num_workers: Optional[int] = _key(RUNTIME)
-    chunk_size: int = _key(RUNTIME, 1024)  # mean images per checkpoint chunk: what a crash can cost
-    warmup_image: Optional[str] = _key(RUNTIME)  # null: a built-in image
-    compile: bool = _key(RUNTIME, False)  # torch.compile the vision tower (CUDA graphs on CUDA); costs a first call
+    batch_size: Optional[int] = _key(EXECUTION)  # null: 8 on a CPU, 128 on an accelerator
+    # null: adapted while the run goes (see pipeline/encoding/tuner.py); a number fixes it
+    num_workers: Optional[int] = _key(EXECUTION)
+    chunk_size: int = _key(EXECUTION, 1024)  # mean images per checkpoint chunk: what a crash can cost
+    warmup_image: Optional[str] = _key(EXECUTION)  # null: a built-in image
+    compile: bool = _key(EXECUTION, False)  # torch.compile the vision tower (CUDA graphs on CUDA); costs a first call
 
 
 class Backend(enum.Enum):
@@ -134,7 +148,7 @@ class PreprocessConfig:
     draft: Optional[bool] = _key(RESULT)
     max_pixels: int = _key(RESULT, DEFAULT_MAX_PIXELS)
     # Seconds per image; an image that takes longer is listed as a (transient) error and tried again next run.
-    timeout: float = _key(RUNTIME, 60.0)
+    timeout: float = _key(EXECUTION, 60.0)
 
 
 class Mode(enum.Enum):
@@ -155,17 +169,17 @@ class ClassifyConfig:
 class ParityConfig:
     """`jobs/precision.py` (the vendor's precision test): a device/dtype against an fp32 CPU run."""
 
-    min_cosine: float = _key(RUNTIME, 0.99)  # per image, probability vectors and image embeddings
-    min_top1_agreement: float = _key(RUNTIME, 0.99)
-    reference_batch_size: int = _key(RUNTIME, 8)
+    min_cosine: float = _key(EXECUTION, 0.99)  # per image, probability vectors and image embeddings
+    min_top1_agreement: float = _key(EXECUTION, 0.99)
+    reference_batch_size: int = _key(EXECUTION, 8)
 
 
 @dataclass
 class ShardConfig:
     # This job's shard, 0 <= index < count (torchrun sets these from RANK / WORLD_SIZE).
-    index: int = _key(RUNTIME, 0)
-    count: int = _key(RUNTIME, 1)  # > 1: encode only this shard's chunks; an ordinary run (count 1) then merges
-    timeout_hours: float = _key(RUNTIME, 72.0)  # how long torchrun ranks wait for the slowest at the merge barrier
+    index: int = _key(EXECUTION, 0)
+    count: int = _key(EXECUTION, 1)  # > 1: encode only this shard's chunks; an ordinary run (count 1) then merges
+    timeout_hours: float = _key(EXECUTION, 72.0)  # how long torchrun ranks wait for the slowest at the merge barrier
 
 
 @dataclass
@@ -179,13 +193,13 @@ class RunConfig:
     classify: ClassifyConfig = field(default_factory=ClassifyConfig)
     parity: ParityConfig = field(default_factory=ParityConfig)
     shard: ShardConfig = field(default_factory=ShardConfig)
-    output_dir: str = _key(RUNTIME, "${hydra:runtime.output_dir}")
-    cache_dir: str = _key(RUNTIME, "outputs/cache")
-    cache_lock: str = _key(RUNTIME, "auto")  # auto | flock | soft (see pipeline/engine/locks.py)
+    output_dir: str = _key(EXECUTION, "${hydra:runtime.output_dir}")
+    cache_dir: str = _key(EXECUTION, "outputs/cache")
+    cache_lock: CacheLock = _key(EXECUTION, CacheLock.auto)
     embeddings: bool = _key(RESULT, False)  # also write embeddings.parquet and label_embeddings.parquet
-    progress: bool = _key(RUNTIME, True)  # a bar on a terminal; in a log file, a line every progress_interval s
-    progress_interval: float = _key(RUNTIME, 30.0)
-    report: bool = _key(RUNTIME, True)  # write report.html (summary, charts, galleries, errors) into the run dir
+    progress: bool = _key(EXECUTION, True)  # a bar on a terminal; in a log file, a line every progress_interval s
+    progress_interval: float = _key(EXECUTION, 30.0)
+    report: bool = _key(EXECUTION, True)  # write report.html (summary, charts, galleries, errors) into the run dir
 
 
 def roles(schema: type = RunConfig, prefix: str = "") -> dict[str, str | None]:

@@ -4,11 +4,9 @@ A `Towers` object turns model inputs into unnormalised embeddings, one tower at 
 (pipeline/models.py) does the rest (tokenising, normalising, scoring) the same way whatever runs the towers.
 Exports are made and cached by the `export_towers` stage (pipeline/export.py); this module only loads them.
 
-`model.runtime=auto` (the default) is torch, on every device. The exported runtimes are faster on a CPU
-(README "Performance", CPU runtimes) but opt-in: at batch 256 their peak memory grew with the number of images in
-a run (OpenVINO: 0.7 GB at 2k images, 1.2 GB at 20k, where torch stays at 0.57 GB), which breaks the promise
-that memory does not grow with the dataset.
-`make bench ARGS=--runtimes-only` re-measures them on another CPU.
+`model.runtime=auto` (the default) is torch, on every device: it runs the reference's own code, and an export
+costs time once per model. The exported runtimes are faster on a CPU and opt-in (README "Performance", CPU
+runtimes); `make bench ARGS=--runtimes-only` re-measures them on another CPU.
 """
 
 from __future__ import annotations

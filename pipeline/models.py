@@ -42,20 +42,21 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 @dataclass(frozen=True)
 class ModelInfo:
     path: Path
-    family: str  # the config's model_type (a key of pipeline.families.FAMILIES)
+    model_type: str  # the config's model_type (a key of pipeline.families.FAMILIES)
     weight_files: tuple[Path, ...]
     uses_pickle: bool
     vocabulary: int = 0  # the text tower's vocabulary size, from config.json
 
     @property
-    def spec(self) -> Family:
-        return FAMILIES[self.family]
+    def family(self) -> Family:
+        """How the family is scored and fed."""
+        return FAMILIES[self.model_type]
 
     @property
     def takes_chinese(self) -> bool:
         """Whether the tokenizer and the training data cover Chinese: per family, and for SigLIP (English and
         multilingual checkpoints share the family) by the size of the vocabulary."""
-        multilingual = self.spec.multilingual
+        multilingual = self.family.multilingual
         return self.vocabulary >= MULTILINGUAL_VOCABULARY if multilingual is None else multilingual
 
     @property
@@ -113,7 +114,7 @@ def inspect_model_dir(path: str | Path, allow_pickle: bool = False) -> ModelInfo
         wanted = " or ".join("+".join(g) for g in family.tokenizer_files)
         raise UserError(f"no tokenizer files in '{path}': expected {wanted}")
     vocabulary = int((config.get("text_config") or {}).get("vocab_size") or config.get("vocab_size") or 0)
-    return ModelInfo(path=path, family=model_type, weight_files=weights, uses_pickle=uses_pickle,
+    return ModelInfo(path=path, model_type=model_type, weight_files=weights, uses_pickle=uses_pickle,
                      vocabulary=vocabulary)
 
 
@@ -138,7 +139,7 @@ class LoadedModel:
                  export: Path | None = None) -> None:
         from transformers import AutoTokenizer
 
-        self.info, self.choice, self.family = info, choice, info.spec
+        self.info, self.choice, self.family = info, choice, info.family
         if export is None:
             self.towers = TorchTowers(_load_torch_model(info, choice, compile))
             self.logit_scale, self.logit_bias = scores_of(info, self.towers.model)
@@ -149,7 +150,7 @@ class LoadedModel:
         self.compiled = compile
         self.tokenizer = AutoTokenizer.from_pretrained(info.path, local_files_only=True)
         self.preprocessor = preprocessor_of(info)  # the reference (CPU) preprocessing, for callers outside runs
-        self.spec = self.preprocessor.spec
+        self.preprocess_spec = self.preprocessor.spec
         self._dim: int | None = None
 
     @property
@@ -210,7 +211,7 @@ def _load_torch_model(info: ModelInfo, choice: DeviceChoice, compile: bool):
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a per-tensor "Loading weights" bar is noise in a batch log
-    model_cls = getattr(transformers, info.spec.model_class)
+    model_cls = getattr(transformers, info.family.model_class)
     log.info("loading %s from %s (%s, %s)", model_cls.__name__, info.path, choice.device, choice.dtype_name)
     model = model_cls.from_pretrained(
         info.path, local_files_only=True, use_safetensors=not info.uses_pickle,
@@ -261,7 +262,7 @@ class Embeddings:
 def scores_of(info: ModelInfo, model) -> tuple[float, float | None]:
     """(logit scale, logit bias) from the checkpoint's own fp32 values (a bf16 copy of ln 100 is 4.59375: the
     scale would be 98.86, and every probability less peaked), read from the weights file when it has them."""
-    family = info.spec
+    family = info.family
     raw = {key: _stored_scalar(info, key) for key in filter(None, (family.scale_key, family.bias_key))}
     for key in raw:
         if raw[key] is None:  # not found in the file (pickle weights, other names): the loaded parameter
@@ -340,4 +341,4 @@ def preprocessor_of(info: ModelInfo, on_device: bool = False) -> Preprocessor:
     from transformers import AutoImageProcessor
 
     processor = AutoImageProcessor.from_pretrained(info.path, local_files_only=True, backend="pil")
-    return Preprocessor.from_hf(processor, own=info.spec.images != HF, on_device=on_device)
+    return Preprocessor.from_hf(processor, own=info.family.images != HF, on_device=on_device)

@@ -14,7 +14,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from .stages.discover import display_path
-from .stages.encode_images import embedding_matrix, iter_chunks
+from .encoding.embeddings import embedding_matrix, iter_chunks
 from .workflow import RunSummary
 
 

@@ -1,7 +1,7 @@
 """Build the classification DAG from a resolved config, check inputs early, run it and summarise.
 
 Every check that can fail on user input runs before the model is loaded or an image is read. Each stage gets
-exactly the config that decides its output, as hashed params; the rest travels in the `Runtime`.
+exactly the config that decides its output, as hashed params; the rest travels in the `Execution`.
 """
 
 from __future__ import annotations
@@ -22,16 +22,16 @@ from . import devices, distributed
 from .engine import CACHED, CONTENT, SINK, Artifact, Runner, Stage, StageReport
 from .engine.files import FileDigests
 from .errors import UserError
-from .labels import LabelSet, build_label_set, check_language
 from .families import SIGMOID
+from .inference import EXPORTED, resolve_runtime
+from .labels import LabelSet, build_label_set, check_language
 from .models import LoadedModel, ModelProvider, inspect_model_dir, preprocessor_of
 from .outputs.writers import read_metadata
-from .sources import Source, open_source
-from .sources.folder import normalise_extensions
-from .inference import EXPORTED, resolve_runtime
+from .sources import READING, RECORDS, TRUTH, DatasetSettings, Location, SourceProvider, resolve_format
+from .sources.folder import extension_names
 from .stages import (calibration, classify, discover, encode_images, encode_labels, export_towers, publish, report,
                      truth)
-from .stages.runtime import Runtime
+from .stages.execution import Execution, default_batch_size
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class Pipeline:
     """The stages of one run and what they share at run time."""
 
     stages: list[Stage]
-    runtime: Runtime
+    execution: Execution
     label_set: LabelSet
     out_dir: Path
     cache_dir: Path
@@ -101,9 +101,6 @@ class RunSummary:
         return lines
 
 
-ACCELERATOR_BATCH, CPU_BATCH = 128, 8  # an accelerator needs large batches to hide each launch's overhead
-
-
 def worker_counts(device: devices.DeviceChoice) -> tuple[int, int]:
     """(start, most) decode workers for one process. Next to an accelerator the CPU only decodes: start at all of
     this rank's cores (up to 16) less one, kept for the thread that drives the device. On a CPU the model needs
@@ -127,15 +124,15 @@ def _positive(name: str, value: int) -> int:
 
 def build(cfg: DictConfig, preloaded: LoadedModel | None = None, local_rank: int | None = None,
           shows_progress: bool = True) -> Pipeline:
-    """Validate the config against the world (files, model, device) and build the stages."""
+    """Validate the config against the world (files, model, device, dataset) and build the stages."""
     for key in ("encode.chunk_size", "classify.topk"):
         _positive(key, OmegaConf.select(cfg, key))
     if cfg.encode.batch_size is not None:
         _positive("encode.batch_size", cfg.encode.batch_size)
     label_set = _label_set(cfg)
     info = _model_info(cfg)
-    check_language(label_set, info.takes_chinese, cfg.model.path, info.family)
-    source = _source(cfg)
+    check_language(label_set, info.takes_chinese, cfg.model.path, info.model_type)
+    sources, dataset = _dataset(cfg)
     truth_mode, truth_file = _truth_source(cfg)
     if cfg.encode.warmup_image and not Path(cfg.encode.warmup_image).is_file():
         raise UserError(f"warm-up image not found: '{cfg.encode.warmup_image}' (encode.warmup_image)")
@@ -146,20 +143,20 @@ def build(cfg: DictConfig, preloaded: LoadedModel | None = None, local_rank: int
     _check_writable(out_dir, "the run directory (OUT=)")
     start, most = worker_counts(choice)
     fixed = cfg.encode.num_workers is not None
-    workers = int(cfg.encode.num_workers) if fixed else start
-    batch = cfg.encode.batch_size or (ACCELERATOR_BATCH if choice.is_accelerator else CPU_BATCH)
+    batch = cfg.encode.batch_size or default_batch_size(choice)
     model_fp = info.fingerprint(FileDigests(cache_dir / "file-digests"))
     counters: dict = {}
-    runtime = Runtime(source=source, models=ModelProvider(info, model_fp, choice.device, preloaded, counters,
-                                                          compile=cfg.encode.compile),
-                      device=choice, batch_size=batch, num_workers=workers, max_workers=most,
-                      workers_fixed=fixed, pad_to=batch if choice.is_accelerator else None,
-                      chunk_size=cfg.encode.chunk_size, timeout=cfg.preprocess.timeout,
-                      warmup_image=cfg.encode.warmup_image, truth_file=truth_file,
-                      progress=cfg.progress and shows_progress, progress_interval=cfg.progress_interval,
-                      counters=counters)
-    stages = _stages(cfg, runtime, label_set, cfg.model.name or info.name, model_fp, truth_mode, out_dir)
-    return Pipeline(stages, runtime, label_set, out_dir, cache_dir)
+    execution = Execution(
+        sources=sources, models=ModelProvider(info, model_fp, choice.device, preloaded, counters,
+                                              compile=cfg.encode.compile),
+        device=choice, batch_size=batch,
+        num_workers=int(cfg.encode.num_workers) if fixed else start, max_workers=most, workers_fixed=fixed,
+        chunk_size=cfg.encode.chunk_size, timeout=cfg.preprocess.timeout, warmup_image=cfg.encode.warmup_image,
+        truth_file=truth_file, progress=cfg.progress and shows_progress, progress_interval=cfg.progress_interval,
+        pad_to=batch if choice.is_accelerator else None,
+        counters=counters)
+    stages = _stages(cfg, execution, dataset, label_set, cfg.model.name or info.name, model_fp, truth_mode, out_dir)
+    return Pipeline(stages, execution, label_set, out_dir, cache_dir)
 
 
 def _label_set(cfg: DictConfig) -> LabelSet:
@@ -182,51 +179,38 @@ def _model_info(cfg: DictConfig):
     return inspect_model_dir(cfg.model.path, cfg.model.allow_pickle)
 
 
-def _stages(cfg: DictConfig, runtime: Runtime, label_set: LabelSet, model_name: str, model_fp: str,
-            truth_mode: str, out_dir: Path) -> list[Stage]:
+def _stages(cfg: DictConfig, execution: Execution, dataset: DatasetSettings, label_set: LabelSet, model_name: str,
+            model_fp: str, truth_mode: str, out_dir: Path) -> list[Stage]:
     """The DAG; each stage's params are exactly the config that decides its output."""
-    dtype = runtime.device.dtype_name
-    info = runtime.models.info
+    dtype = execution.device.dtype_name
+    info = execution.models.info
     backend = cfg.preprocess.backend.value
-    on_device = backend == "device" or (backend == "auto" and runtime.device.is_accelerator)
+    on_device = backend == "device" or (backend == "auto" and execution.device.is_accelerator)
     preprocessor = preprocessor_of(info, on_device=on_device)  # ignored where the family runs the HF processor
-    spec = preprocessor.params
     draft = cfg.preprocess.draft if cfg.preprocess.draft is not None else \
-        (runtime.device.is_accelerator and preprocessor.spec is not None)
+        (execution.device.is_accelerator and preprocessor.spec is not None)
     _check_family_options(cfg, info, preprocessor, draft)
-    towers = _towers_stages(cfg, runtime, preprocessor, model_fp, draft)
-    # Each new batch size is a new shape for an exported runtime, whose per-shape caches grew memory with the
-    # dataset: its short batches are padded to the batch size, as on accelerators.
-    if towers:
-        runtime.pad_to = runtime.batch_size
+    image_params = {"source": dataset.params(READING), "preprocess": preprocessor.params, "draft": draft,
+                    "max_pixels": cfg.preprocess.max_pixels}
+    towers = _towers_stages(cfg, execution, preprocessor, model_fp, image_params)
     uses = {"towers": "export_towers"} if towers else {}
     labels = list(label_set.labels)
-    metadata = {"model": {"name": model_name, "path": str(runtime.models.info.path), "fingerprint": model_fp,
-                          "family": runtime.models.info.family},
-                "label_set": label_set.to_dict(), "template": label_set.template,
-                "templates": list(label_set.templates), "dataset": {"root": runtime.source.describe()},
-                "config": {"dtype": dtype, "topk": cfg.classify.topk, "preprocess": spec,
-                           "draft": draft, "scoring": info.spec.scoring,
-                           "runtime": towers[-1].params["runtime"] if towers else "torch",
-                           "mode": cfg.classify.mode.value}}
-    extensions = sorted(e.lstrip(".") for e in normalise_extensions(cfg.dataset.extensions))
-    source = runtime.source
-    image_params = {"model": model_fp, "dtype": dtype, "preprocess": spec, "draft": draft,
-                    "max_pixels": cfg.preprocess.max_pixels}
-    if source.kind == "shards":  # the truth travels with the images in a tar shard
-        image_params["truth_member"] = cfg.dataset.truth_member
+    listed = execution.sources.open(dataset.params(RECORDS))
+    metadata = _metadata(cfg, execution, label_set, model_name, model_fp, preprocessor.params, draft,
+                         towers[-1].params["runtime"] if towers else "torch", listed.describe())
     stages = [
         Stage("discover", discover.discover, version=discover.VERSION, kind=CONTENT,
-              params={"extensions": extensions, "format": source.format,
-                      "path_column": cfg.dataset.path_column}),
+              params={"source": dataset.params(RECORDS)}),
         *towers,
         Stage("encode_labels", encode_labels.encode_labels, inputs=uses, version=encode_labels.VERSION, kind=CACHED,
               params={"model": model_fp, "dtype": dtype, "texts": list(label_set.texts),
                       "templates": list(label_set.templates)}),
         Stage("encode_images", encode_images.encode_images, inputs={"records": "discover", **uses},
-              version=encode_images.VERSION, kind=CACHED, params=image_params),
+              version=encode_images.VERSION, kind=CACHED, shardable=True,
+              params={"model": model_fp, "dtype": dtype, **image_params}),
         Stage("truth", truth.load_truth, inputs={"records": "discover"}, version=truth.VERSION, kind=CONTENT,
-              params={"mode": truth_mode, "column": cfg.dataset.truth_column, "labels": labels}),
+              params={"source": dataset.params(TRUTH), "mode": truth_mode, "column": cfg.dataset.truth_column,
+                      "labels": labels}),
         Stage("classify", classify.classify, version=classify.VERSION, kind=CACHED,
               inputs={"truth": "truth", "label_embeddings": "encode_labels", "image_embeddings": "encode_images"},
               params={"labels": labels, "topk": cfg.classify.topk, "min_score": cfg.classify.min_score,
@@ -237,56 +221,71 @@ def _stages(cfg: DictConfig, runtime: Runtime, label_set: LabelSet, model_name: 
               version=publish.VERSION, kind=SINK),
     ]
     if cfg.report:
-        root = getattr(runtime.source, "root", None)
+        root = getattr(listed, "root", None)
         stages.append(Stage("report", report.report, inputs={"published": "publish"}, version=report.VERSION,
                             params={"out_dir": str(out_dir), "dataset_root": str(root) if root else None},
                             kind=SINK))
     return stages
 
 
-def _towers_stages(cfg: DictConfig, runtime: Runtime, preprocessor, model_fp: str, draft: bool) -> list[Stage]:
+def _metadata(cfg: DictConfig, execution: Execution, label_set: LabelSet, model_name: str, model_fp: str,
+              preprocess: dict, draft: bool, runtime: str, dataset_root: str) -> dict:
+    """What the outputs say about how they were made (predictions.parquet's metadata)."""
+    info = execution.models.info
+    return {"model": {"name": model_name, "path": str(info.path), "fingerprint": model_fp,
+                      "family": info.model_type},
+            "label_set": label_set.to_dict(), "template": label_set.template,
+            "templates": list(label_set.templates), "dataset": {"root": dataset_root},
+            "config": {"dtype": execution.device.dtype_name, "topk": cfg.classify.topk, "preprocess": preprocess,
+                       "draft": draft, "scoring": info.family.scoring, "runtime": runtime,
+                       "mode": cfg.classify.mode.value}}
+
+
+def _towers_stages(cfg: DictConfig, execution: Execution, preprocessor, model_fp: str,
+                   image_params: dict) -> list[Stage]:
     """The stages that export the towers for ONNX Runtime or OpenVINO (none when torch runs them): for int8, the
-    calibration images first."""
-    info, choice = runtime.models.info, runtime.device
-    if runtime.models.preloaded is not None:  # a torch model already in memory (benchmarks, notebooks) runs as is
+    calibration images first. An exported runtime sees every batch at the batch size (short ones padded): each
+    new shape is a new compiled plan that it keeps."""
+    info, choice = execution.models.info, execution.device
+    if execution.models.preloaded is not None:  # a torch model already in memory (benchmarks, notebooks) runs as is
         if cfg.model.runtime.value in EXPORTED:
             raise UserError(f"model.runtime={cfg.model.runtime.value} with a model passed in memory: pass none (the "
                             "run loads its export) or use model.runtime=torch")
         return []
-    name = resolve_runtime(cfg.model.runtime.value, choice.device.type, choice.dtype_name,
-                           preprocessor.spec is not None, info.family)
-    if name not in EXPORTED:
+    runtime = resolve_runtime(cfg.model.runtime.value, choice.device.type, choice.dtype_name,
+                              preprocessor.spec is not None, info.model_type)
+    if runtime not in EXPORTED:
         return []
+    execution.pad_to = execution.batch_size
     spec = preprocessor.spec
     size = spec.crop_hw or spec.resize_hw
     if size is None:
-        raise UserError(f"model.runtime={name}: '{info.path}' resizes to a shortest edge without a crop, so its "
+        raise UserError(f"model.runtime={runtime}: '{info.path}' resizes to a shortest edge without a crop, so its "
                         "inputs have no fixed size to export; use model.runtime=torch")
     stages, inputs = [], {}
     if choice.int8:
         _positive("model.calibration_images", cfg.model.calibration_images)
         stages.append(Stage("calibration", calibration.calibrate, inputs={"records": "discover"},
                             version=calibration.VERSION, kind=CONTENT,
-                            params={"count": cfg.model.calibration_images, "preprocess": preprocessor.params,
-                                    "draft": draft, "max_pixels": cfg.preprocess.max_pixels}))
+                            params={"count": cfg.model.calibration_images, **image_params}))
         inputs = {"calibration": "calibration"}
     stages.append(Stage("export_towers", export_towers.export_towers, inputs=inputs, version=export_towers.VERSION,
-                        kind=CACHED, params={"model": model_fp, "runtime": name, "dtype": choice.dtype_name,
+                        kind=CACHED, params={"model": model_fp, "runtime": runtime, "dtype": choice.dtype_name,
                                              "image_size": list(size)}))
     return stages
 
 
 def _check_family_options(cfg: DictConfig, info, preprocessor, draft: bool) -> None:
-    if cfg.classify.mode.value == "multilabel" and info.spec.scoring != SIGMOID:
+    if cfg.classify.mode.value == "multilabel" and info.family.scoring != SIGMOID:
         raise UserError(f"classify.mode=multilabel needs a score per label on its own, as SigLIP's sigmoid gives; "
-                        f"'{info.path}' is a {info.family} model, whose softmax makes the labels compete for one "
+                        f"'{info.path}' is a {info.model_type} model, whose softmax makes the labels compete for one "
                         "image (the scores sum to 1), so a threshold on them means nothing. Use a siglip or "
                         "siglip2 model, or classify.mode=single")
     if not 0 < cfg.classify.threshold < 1:
         raise UserError(f"classify.threshold={cfg.classify.threshold} must lie between 0 and 1")
     if draft and preprocessor.spec is None:
-        raise UserError(f"preprocess.draft=true needs a fixed resize target; '{info.path}' ({info.family}) takes a "
-                        "variable number of patches: leave preprocess.draft off for it")
+        raise UserError(f"preprocess.draft=true needs a fixed resize target; '{info.path}' ({info.model_type}) takes "
+                        "a variable number of patches: leave preprocess.draft off for it")
 
 
 def _truth_source(cfg: DictConfig) -> tuple[str, Path | None]:
@@ -309,7 +308,9 @@ def _check_writable(directory: Path, what: str) -> None:
                         "folder") from None
 
 
-def _source(cfg: DictConfig) -> Source:
+def _dataset(cfg: DictConfig) -> tuple[SourceProvider, DatasetSettings]:
+    """Where the dataset is (execution: never hashed) and what decides its results (hashed by the stages that
+    read it); the dataset is opened for listing here, so that a bad one stops the run before any work."""
     data = cfg.dataset
     path, image = data.path, data.image
     if path and image:
@@ -322,9 +323,14 @@ def _source(cfg: DictConfig) -> Source:
     if path and "://" not in path and "{" not in path and not Path(path).exists():
         raise UserError(f"dataset not found: '{path}' (dataset.path / DATASET=): give a folder, a manifest, tar "
                         "shards or a bucket URL")
-    return open_source(str(image or path), image=bool(image), format=data.format, extensions=list(data.extensions),
-                       path_column=data.path_column, truth_column=data.truth_column, truth_member=data.truth_member,
-                       storage_options=_plain(data.storage_options), retries=data.retries, timeout=data.io_timeout)
+    location = Location(str(image or path), retries=data.retries, timeout=data.io_timeout,
+                        storage_options=_plain(data.storage_options), single_image=bool(image))
+    values = {"extensions": extension_names(data.extensions), "path_column": data.path_column,
+              "truth_column": data.truth_column, "truth_member": data.truth_member}
+    dataset = DatasetSettings(resolve_format(location, data.format.value, values["extensions"]), values)
+    sources = SourceProvider(location)
+    sources.open(dataset.params(RECORDS))
+    return sources, dataset
 
 
 def bytes_read() -> int | None:
@@ -344,17 +350,18 @@ def run(cfg: DictConfig, preloaded: LoadedModel | None = None) -> RunSummary:
     shard = distributed.from_environment(cfg.shard.index, cfg.shard.count)
     pipeline = build(cfg, preloaded, shard.local_rank if shard.distributed else None,
                      shows_progress=not shard.distributed or shard.index == 0)
-    distributed.init(shard, pipeline.runtime.device.device, cfg.shard.timeout_hours)
+    execution = pipeline.execution
+    distributed.init(shard, execution.device.device, cfg.shard.timeout_hours)
     token = distributed.listing_token(shard, cfg.dataset.listing)
-    runner = Runner(pipeline.cache_dir, pipeline.runtime, cfg.cache_lock,
+    runner = Runner(pipeline.cache_dir, execution, cfg.cache_lock.value,
                     reuse_tokens={"discover": token} if token else {})
     try:
         if shard.count > 1:
-            _encode_own_shard(pipeline, runner, shard)
+            runner.run(pipeline.stages, targets=("encode_images",), shard=(shard.index, shard.count))
             distributed.barrier(shard)
             if not shard.merges:
                 return RunSummary(0, 0, 0, time.perf_counter() - started, pipeline.out_dir, runner.reports,
-                                  counters=pipeline.runtime.counters, shard=shard)
+                                  counters=execution.counters, shard=shard)
         results = runner.run(pipeline.stages)
     except OSError as exc:
         if exc.errno not in _WRITE_ERRNOS:
@@ -364,30 +371,19 @@ def run(cfg: DictConfig, preloaded: LoadedModel | None = None) -> RunSummary:
                         "command resumes from them") from exc
     finally:
         distributed.finish(shard)
-        pipeline.runtime.models.release()
+        execution.models.release()
     counts = classify.read_counts(results["classify"])
     if counts["discovered"] == 0:
-        log.warning("no images found in %s (extensions: %s); outputs are empty", pipeline.runtime.source.describe(),
+        log.warning("no images found in %s (extensions: %s); outputs are empty", execution.sources.location.path,
                     ", ".join(cfg.dataset.extensions))
     if counts.get("metrics"):
         log.info("against ground truth: %s (metrics.parquet, confusion.parquet)", counts["metrics"])
     read_after = bytes_read()
     return RunSummary(counts["discovered"], counts["classified"], counts["errors"], time.perf_counter() - started,
-                      pipeline.out_dir, runner.reports, results, pipeline.runtime.counters,
+                      pipeline.out_dir, runner.reports, results, execution.counters,
                       error_kinds=error_kinds(pipeline.out_dir / "errors.parquet"),
                       bytes_read=read_after - read_before if read_before is not None else None,
                       cache_bytes_read={k: BYTES_READ[k] - cache_before[k] for k in BYTES_READ})
-
-
-def _encode_own_shard(pipeline: Pipeline, runner: Runner, shard: distributed.Shard) -> None:
-    encode = next(s for s in pipeline.stages if s.name == "encode_images")
-    upstream = runner.run(pipeline.stages, targets=tuple(encode.inputs.values()))
-    started = time.perf_counter()
-    inputs = {name: upstream[stage] for name, stage in encode.inputs.items()}
-    encoded = encode_images.encode_shard(runner.context(encode), shard=shard.index, shards=shard.count, **inputs,
-                                         **encode.params)
-    runner.reports.append(StageReport(f"encode_images[shard {shard.index}/{shard.count}]",
-                                      "ran" if encoded else "reused", time.perf_counter() - started))
 
 
 def error_kinds(errors_file: Path) -> list[ErrorKind]:

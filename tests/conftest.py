@@ -18,3 +18,20 @@ def compose(tmp_path):
         return compose_config(base + list(overrides))
 
     return make
+
+
+# `make test` runs in two processes (pytest-xdist, --dist loadscope). A scope runs whole in one process: a test
+# module, so that its module fixtures (the README's workspace, an S3 server) are made once, or a class, where a
+# module splits its tests into classes. Scopes are handed out in collection order, so the long ones go first:
+# started last, they would finish last while the other process idles.
+HEAVY_FIRST = ("test_readme", "test_kill", "test_bench", "test_warm_cache", "test_distributed", "test_memory",
+               "test_parity", "test_evaluation", "test_runtimes", "test_families")
+
+
+def _rank(item) -> int:
+    name = item.module.__name__.rsplit(".", 1)[-1]
+    return HEAVY_FIRST.index(name) if name in HEAVY_FIRST else len(HEAVY_FIRST)
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=_rank)  # stable: within a module, the order stays as written

@@ -5,8 +5,9 @@ It imports nothing from the rest of `pipeline`; stages and jobs build on it, nev
 
 from .cache import Artifact, InputCorrupt, write_chunk_list
 from .chunks import ChunkFile, ChunkPool
-from .dag import CACHED, CONTENT, SINK, Incomplete, Runner, Stage, StageContext, StageReport, topological_order
+from .dag import CACHED, CONTENT, SINK, WHOLE, Incomplete, Runner, Stage, StageContext, StageReport, topological_order
 from .failpoints import failpoint
 
 __all__ = ["Artifact", "CACHED", "CONTENT", "ChunkFile", "ChunkPool", "Incomplete", "InputCorrupt", "Runner",
-           "SINK", "Stage", "StageContext", "StageReport", "failpoint", "topological_order", "write_chunk_list"]
+           "SINK", "Stage", "StageContext", "StageReport", "WHOLE", "failpoint", "topological_order",
+           "write_chunk_list"]

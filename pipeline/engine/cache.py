@@ -5,8 +5,7 @@ file's size, mtime and sha256, and (for stages with a chunk pool) the chunks it 
 
 - reuse: one stat per file and per chunk (size; a file whose mtime moved, e.g. a copied cache, is hashed once);
 - reading: `Artifact.read_bytes` and the chunk pool verify checksums as the consumer reads, so corruption is found
-  in the one read that was needed anyway, and the runner recomputes what was corrupt (`InputCorrupt`);
-- `verify_deep` (`make verify`): hashes everything, for an audit.
+  in the one read that was needed anyway, and the runner recomputes what was corrupt (`InputCorrupt`).
 
 An entry is `final` unless its stage said otherwise (it holds failures worth retrying); a non-final entry serves
 the run that made it, and the next run computes it again. Entries that depend on a non-final entry are non-final.
@@ -111,7 +110,7 @@ def read_manifest(directory: Path) -> dict | None:
         return None
 
 
-def verify(directory: Path, pool: Path | None, deep: bool = False) -> bool:
+def verify(directory: Path, pool: Path | None) -> bool:
     """True when `directory` holds a complete entry whose files (and chunks) check out; see the module doc."""
     manifest = read_manifest(directory)
     if manifest is None:
@@ -123,29 +122,19 @@ def verify(directory: Path, pool: Path | None, deep: bool = False) -> bool:
             if st.st_size != meta["size"]:
                 log.warning("size mismatch in %s", path)
                 return False
-            if (deep or st.st_mtime_ns != meta["mtime_ns"]) and sha256_file(path) != meta["sha256"]:
+            if st.st_mtime_ns != meta["mtime_ns"] and sha256_file(path) != meta["sha256"]:
                 log.warning("checksum mismatch in %s", path)
                 return False
         if CHUNK_LIST in manifest["files"]:
             chunk_pool = ChunkPool(pool)
             for chunk in Artifact("", "", directory).chunks():
-                if not chunk_pool.present(chunk) or (deep and not _chunk_intact(chunk_pool, chunk)):
-                    log.warning("chunk %s of %s is missing or damaged", chunk.name, directory)
+                if not chunk_pool.present(chunk):
+                    log.warning("chunk %s of %s is missing or truncated", chunk.name, directory)
                     return False
     except (OSError, ValueError, KeyError, TypeError) as exc:
         log.warning("unreadable cache entry %s: %s", directory, exc)
         return False
     return True
-
-
-def _chunk_intact(pool: ChunkPool, chunk: ChunkFile) -> bool:
-    from .chunks import ChunkCorrupt
-
-    try:
-        pool.read(chunk)
-        return True
-    except ChunkCorrupt:
-        return False
 
 
 def is_final(directory: Path) -> bool:

@@ -3,8 +3,8 @@
 It knows nothing about images or models. A stage is a plain function `fn(ctx, **inputs, **params)`: its inputs
 are other stages' outputs (`Artifact`s, by argument name), its params are plain JSON values, and the runner calls
 it with exactly the params it hashes, so nothing that changes a result can reach a stage unhashed. What changes
-only speed (batch size, workers, the device, a loaded model) comes in `ctx.runtime`, which the runner passes
-through untouched and never hashes.
+only how the work is done (batch size, workers, the device, where the data lives) comes in `ctx.execution`,
+which the runner passes through untouched and never hashes.
 
 A stage's output is a directory in the cache named by its fingerprint, sha256 of (name, version, params, input
 fingerprints), as in DVC and HF `datasets`; "present and checks out" means done, as in Luigi and doit. Kinds:
@@ -21,6 +21,10 @@ then list the world once. A stage that returns `Incomplete` is sealed but
 recomputed by the next run (and so is everything downstream). A stage that finds an input corrupt while reading
 it raises `InputCorrupt`; the runner recomputes that input (its chunks that are still good are kept) and runs the
 stage again.
+
+A long stage can be `shardable`: a run given `shard=(index, count)` runs such a stage for that shard only (the
+stage fills its part of the chunk pool, and nothing is sealed: shards run at once, with no lock on the entry
+between them), and refuses the stages that need all of it; a later whole run seals it from the pool.
 """
 
 from __future__ import annotations
@@ -54,14 +58,18 @@ def entry_dirs(stage_dir: Path) -> list[Path]:
     return sorted(p for p in stage_dir.iterdir() if p.is_dir() and p.name not in WORK_DIRS)
 
 
+WHOLE = (0, 1)  # a run's shard when it is not split between processes: (index, count)
+
+
 @dataclass
 class StageContext:
     out: Path | None  # write the stage's files here (a temporary directory, sealed into the cache on success)
-    runtime: Any  # what changes speed, never results: passed through from the Runner, never hashed
+    execution: Any  # how the work is done, never what it gives: passed through from the Runner, never hashed
     pool: Path | None = None  # the stage's chunk pool (cached stages): survives kills and fingerprint changes
     key: str = ""  # hash of (stage, version, params): namespaces the stage's chunk keys
     memo: Path | None = None  # for indexes derived from inputs (safe to delete: recomputed when missing)
     resumed: bool = False  # set by the stage when it found earlier progress to build on
+    shard: tuple[int, int] = WHOLE  # (index, count): a shardable stage does only this shard (out is then None)
 
 
 @dataclass(frozen=True)
@@ -79,10 +87,13 @@ class Stage:
     params: Mapping[str, Any] = field(default_factory=dict)  # plain JSON: hashed, and passed as keyword args
     version: int | str = 1  # kept beside the stage's code; bump when its output changes for the same params
     kind: str = CACHED
+    shardable: bool = False  # a cached stage that can fill its chunk pool shard by shard (see the module doc)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"stage {self.name}: unknown kind {self.kind!r}")
+        if self.shardable and self.kind != CACHED:
+            raise ValueError(f"stage {self.name}: only a cached stage (with a chunk pool) can be shardable")
         canonical_json(dict(self.params), f"stage {self.name} params")  # refuses what is not JSON, now
         clash = set(self.inputs) & set(self.params)
         if clash:
@@ -108,20 +119,23 @@ class StageReport:
     status: str  # ran | reused | resumed | unchanged | changed | published
     seconds: float
     fingerprint: str | None = None
+    shard: tuple[int, int] = WHOLE  # the shard of the stage this run did
 
 
 @dataclass
 class Runner:
     cache_dir: Path
-    runtime: Any = None
+    execution: Any = None
     lock_kind: str = "auto"
     # Content stages to reuse by a token instead of running again (e.g. one listing for all the shard processes
     # of one job): the first process under the token runs the stage, the others take its entry.
     reuse_tokens: dict[str, str] = field(default_factory=dict)
     reports: list[StageReport] = field(default_factory=list)
 
-    def run(self, stages: list[Stage], targets: tuple[str, ...] | None = None) -> dict[str, Artifact]:
-        """Run `stages` in dependency order; with `targets`, only those and what they depend on."""
+    def run(self, stages: list[Stage], targets: tuple[str, ...] | None = None,
+            shard: tuple[int, int] = WHOLE) -> dict[str, Artifact]:
+        """Run `stages` in dependency order; with `targets`, only those and what they depend on; with a `shard`
+        of a split run, the shardable stages for that shard only (see the module doc)."""
         results: dict[str, Artifact] = {}
         ordered = topological_order(stages)
         by_name = {s.name: s for s in ordered}
@@ -131,28 +145,33 @@ class Runner:
         for stage in ordered:
             started = time.perf_counter()
             failpoint("stage.before")
-            artifact, status = self._run_repairing(stage, by_name, results)
+            own = shard if stage.shardable else WHOLE  # the shard of this stage that this run does
+            if shard != WHOLE:
+                _refuse_partial_inputs(stage, by_name)
+            artifact, status = self._run_repairing(stage, by_name, results, own)
             results[stage.name] = artifact
-            report = StageReport(stage.name, status, time.perf_counter() - started, artifact.fingerprint)
+            report = StageReport(stage.name, status, time.perf_counter() - started, artifact.fingerprint, own)
             self.reports.append(report)
             fp = f" [{artifact.fingerprint[:12]}]" if artifact.fingerprint else ""
-            log.info("stage %-15s %-9s %6.2fs%s", stage.name, status, report.seconds, fp)
+            which = f" shard {own[0]}/{own[1]}" if own != WHOLE else ""
+            log.info("stage %-15s %-9s %6.2fs%s%s", stage.name, status, report.seconds, fp, which)
         return results
 
-    def context(self, stage: Stage, out: Path | None = None) -> StageContext:
-        """The context a stage's function gets; also for work done outside `run` (a shard's chunks)."""
+    def context(self, stage: Stage, out: Path | None = None, shard: tuple[int, int] = WHOLE) -> StageContext:
+        """The context a stage's function gets."""
         # One pool per stage identity: a run scans only the chunks it could use, however many models, dtypes or
         # preprocessing settings share the cache.
         identity = stage.identity
         pool = self.cache_dir / stage.name / POOL_DIR / identity[:16] if stage.kind == CACHED else None
         memo = self.cache_dir / stage.name / MEMO_DIR / identity[:16]
-        return StageContext(out=out, runtime=self.runtime, pool=pool, key=identity, memo=memo)
+        return StageContext(out=out, execution=self.execution, pool=pool, key=identity, memo=memo, shard=shard)
 
-    def _run_repairing(self, stage: Stage, by_name: dict[str, Stage],
-                       results: dict[str, Artifact]) -> tuple[Artifact, str]:
+    def _run_repairing(self, stage: Stage, by_name: dict[str, Stage], results: dict[str, Artifact],
+                       shard: tuple[int, int]) -> tuple[Artifact, str]:
         for attempt in range(MAX_REPAIRS + 1):
             try:
-                return self._run_one(stage, {arg: results[src] for arg, src in stage.inputs.items()})
+                inputs = {arg: results[src] for arg, src in stage.inputs.items()}
+                return self._run_shard(stage, inputs, shard) if shard != WHOLE else self._run_one(stage, inputs)
             except InputCorrupt as exc:
                 if attempt == MAX_REPAIRS:
                     raise
@@ -209,6 +228,17 @@ class Runner:
                 fh.write(artifact.fingerprint)
             return artifact, status
 
+    def _run_shard(self, stage: Stage, inputs: dict[str, Artifact], shard: tuple[int, int]) -> tuple[Artifact, str]:
+        """A shardable stage's shard: its chunks into the pool, nothing sealed, no lock on the entry (shards run
+        at once; chunks are written atomically, each by key). Reused when a whole run has sealed the entry."""
+        fingerprint = stage.fingerprint(inputs)
+        final = self.cache_dir / stage.name / fingerprint
+        ctx = self.context(stage, shard=shard)
+        if cache.is_final(final) and cache.verify(final, ctx.pool):
+            return Artifact(stage.name, fingerprint, final, True, ctx.pool), "reused"
+        stage.fn(ctx, **inputs, **stage.params)
+        return Artifact(stage.name, fingerprint, None, False, ctx.pool), "resumed" if ctx.resumed else "ran"
+
     def _run_content_now(self, stage: Stage, inputs: dict[str, Artifact]) -> tuple[Artifact, str]:
         stage_dir = self.cache_dir / stage.name
         tmp = stage_dir / tmp_name("content")
@@ -239,6 +269,13 @@ class Runner:
                                 "params": dict(stage.params), "final": not reasons,
                                 "inputs": {arg: art.fingerprint for arg, art in inputs.items()}})
         return not reasons
+
+
+def _refuse_partial_inputs(stage: Stage, by_name: dict[str, Stage]) -> None:
+    partial = [name for name in stage.inputs.values() if by_name[name].shardable]
+    if partial:
+        raise ValueError(f"stage {stage.name} needs all of {partial}; a sharded run stops at them (run it as a "
+                         "target's ancestor in a whole run)")
 
 
 def _ancestors(by_name: dict[str, Stage], targets: tuple[str, ...]) -> set[str]:

@@ -6,17 +6,22 @@ Each source lists records, and reads images:
   in bounded memory; the discover stage fingerprints them, so a rerun notices what was added, removed or
   changed. For sources of kind `images` (folder, manifest, bucket) a record is one image: its key as written in
   every output, its size (-1 when unknown) and what the source reports as its version (a file's mtime, an
-  object's ETag). For kind `shards` (tar) a record is one shard; its images are known as it is read.
-- `read(path)` (kind `images`) returns one image's bytes; `members(path)` (kind `shards`) streams a shard's
+  object's ETag). For kind `tars` a record is one tar file; its images are known as it is read.
+- `read(path)` (kind `images`) returns one image's bytes; `members(path)` (kind `tars`) streams a tar file's
   images. Both raise `ImageReadError`, transient unless the failure lies in the data itself (a missing file, a
-  truncated shard).
+  truncated tar file).
 - `truth()` is the ground truth the source carries itself (a manifest's label column) as a (path, truth) table,
   or None.
+
+One path for what decides a result: a stage never gets a source object built elsewhere. It hashes
+`DatasetSettings.params(use)` and opens its source from exactly those params (`SourceProvider.open`); a setting
+left out of them is None in the source, and a method that would need it fails at once.
 """
 
 from __future__ import annotations
 
-from typing import Iterator, Protocol
+from dataclasses import dataclass
+from typing import Any, Iterator, Protocol
 
 import pyarrow as pa
 
@@ -26,7 +31,10 @@ BATCH_ROWS = 65_536
 
 
 class Source(Protocol):
-    kind: str  # "images" or "shards"
+    kind: str  # IMAGES or TARS
+    # For each use (RECORDS, READING, TRUTH), the settings (dataset.* keys) that decide what the source gives
+    # for it: the stage that uses it so hashes exactly those (see `DatasetSettings.params`).
+    SETTINGS: dict[str, tuple[str, ...]]
 
     def describe(self) -> str:
         """How the source is named in logs and in the outputs' metadata."""
@@ -56,11 +64,90 @@ def _batch(rows: list[tuple[bytes, int, str]]) -> pa.RecordBatch:
                                        pa.array(versions, pa.string())], schema=RECORDS_SCHEMA)
 
 
-FORMATS = ("auto", "folder", "manifest", "tar", "bucket")
+FOLDER, MANIFEST, TAR, BUCKET = "folder", "manifest", "tar", "bucket"
+FORMATS = (FOLDER, MANIFEST, TAR, BUCKET)
+IMAGES, TARS = "images", "tars"  # a source's kind: a record per image, or a record per tar file
+RECORDS, READING, TRUTH = "records", "reading", "truth"  # what a stage does with a source (see SETTINGS)
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where a dataset lives and how to reach it. It decides no result (a moved dataset is the same dataset), so
+    it is never hashed; everything that does decide one is a setting (see SETTINGS), hashed by the stages."""
+
+    path: str
+    retries: int  # remote reads: attempts after the first (dataset.retries)
+    timeout: float  # remote reads: seconds per request (dataset.io_timeout)
+    storage_options: dict[str, Any] | None = None
+    single_image: bool = False  # dataset.image: one file
+
+
+@dataclass(frozen=True)
+class DatasetSettings:
+    """What the config says about the dataset that decides results: its format (resolved, never "auto") and the
+    dataset.* settings (extensions, path_column, truth_column, truth_member), each as it is hashed."""
+
+    format: str
+    values: dict[str, Any]
+
+    def params(self, use: str) -> dict[str, Any]:
+        """The settings that decide what a stage gets from the source when it uses it for `use` (RECORDS:
+        listing; READING: the bytes, and for tar files which members are images and their truth; TRUTH: the
+        truth the source carries), with the format: what that stage hashes, and all it may open its source
+        from."""
+        return {"format": self.format, **{name: self.values[name] for name in source_class(self.format).SETTINGS[use]}}
+
+
+def source_class(format: str) -> type:
+    from .bucket import BucketSource
+    from .folder import FolderSource
+    from .manifest import ManifestSource
+    from .tars import TarSource
+
+    return {FOLDER: FolderSource, MANIFEST: ManifestSource, TAR: TarSource, BUCKET: BucketSource}[format]
+
+
+class SourceProvider:
+    """Opens the dataset for a stage from the params that stage hashes, and from nothing else: a setting that
+    decides a result cannot reach a stage unhashed. Knows only the dataset's `Location`."""
+
+    def __init__(self, location: Location) -> None:
+        self.location = location
+        self._opened: dict[str, Source] = {}
+
+    def open(self, params: dict[str, Any]) -> "Source":
+        """The source for `params` (from `DatasetSettings.params`); each distinct params opened once per
+        process."""
+        import json
+
+        key = json.dumps(params, sort_keys=True)
+        if key not in self._opened:
+            settings = {name: value for name, value in params.items() if name != "format"}
+            self._opened[key] = source_class(params["format"])(self.location, **settings)
+        return self._opened[key]
+
+    def __getstate__(self) -> dict:  # to decode workers: reopened there, never a parent's open handles
+        return {"location": self.location, "_opened": {}}
+
+
+def resolve_format(location: Location, requested: str, extensions) -> str:
+    """What the dataset is: `requested`, or for "auto" what the location names (see `detect_format`); a bucket
+    prefix that holds tar files and no images is tar shards."""
+    if location.single_image:
+        return FOLDER
+    if requested != "auto":
+        return requested
+    found = detect_format(location.path, extensions)
+    if found == BUCKET:
+        from .bucket import BucketSource
+
+        if BucketSource(location, extensions=list(extensions)).holds_only_tars():
+            return TAR
+    return found
 
 
 def detect_format(location: str, extensions) -> str:
-    """What `dataset.path` names, from the value (and, for a folder or a bucket prefix, what it holds)."""
+    """What `dataset.path` names, from the value (and, for a local folder, what it holds)."""
     from .folder import normalise_extensions
     from .manifest import SUFFIXES
     from .remote import is_url, scheme
@@ -68,9 +155,9 @@ def detect_format(location: str, extensions) -> str:
 
     lower = location.lower()
     if lower.endswith(SUFFIXES):
-        return "manifest"
+        return MANIFEST
     if "{" in location or is_tar(lower):
-        return "tar"
+        return TAR
     suffixes = normalise_extensions(extensions)
     if is_url(location):
         if scheme(location) in ("http", "https"):
@@ -78,50 +165,13 @@ def detect_format(location: str, extensions) -> str:
 
             raise UserError(f"dataset.path {location}: an http(s) URL must name a manifest ({', '.join(SUFFIXES)}) "
                             "or tar shards (.tar, or a brace pattern); it cannot be listed")
-        return "bucket"  # a prefix of tar shards is recognised once listed (see open_source)
+        return BUCKET
     import os
 
     try:
         names = [e.name.lower() for e in os.scandir(location) if e.is_file()]
     except OSError:
-        return "folder"  # reported by the folder source
+        return FOLDER  # reported by the folder source
     has_tars = any(is_tar(n) for n in names)
     has_images = any(os.path.splitext(n)[1] in suffixes for n in names)
-    return "tar" if has_tars and not has_images else "folder"
-
-
-def open_source(location: str, *, image: bool = False, format: str = "auto", extensions=(), path_column: str = "path",
-                truth_column: str = "label", truth_member: str | None = None, storage_options: dict | None = None,
-                retries: int = 3, timeout: float = 60.0) -> "Source":
-    """The source that `dataset.path` (or `dataset.image`) names; `format` forces what it is."""
-    from .bucket import BucketSource
-    from .folder import FolderSource
-    from .manifest import ManifestSource
-    from .tars import TarSource, is_tar
-
-    if image:
-        return FolderSource(location, extensions)
-    if format not in FORMATS:
-        from ..errors import UserError
-
-        raise UserError(f"dataset.format={format!r} is not one of {', '.join(FORMATS)}")
-    kind = detect_format(location, extensions) if format == "auto" else format
-    remote = dict(storage_options=storage_options, retries=retries, timeout=timeout)
-    if kind == "manifest":
-        return ManifestSource(location, path_column, truth_column, **remote)
-    if kind == "tar":
-        return TarSource(location, extensions, truth_member, **remote)
-    if kind == "bucket":
-        bucket = BucketSource(location, extensions, **remote)
-        if format == "auto" and _only_tars(bucket, is_tar):
-            return TarSource(location, extensions, truth_member, **remote)
-        return bucket
-    return FolderSource(location, extensions)
-
-
-def _only_tars(bucket, is_tar) -> bool:
-    import os
-
-    keys = [key for key, _ in bucket.objects()]
-    has_images = any(os.path.splitext(k)[1].lower() in bucket.suffixes for k in keys)
-    return any(is_tar(k) for k in keys) and not has_images
+    return TAR if has_tars and not has_images else FOLDER

@@ -22,11 +22,11 @@ from typing import Iterable, Iterator
 import pyarrow as pa
 
 from ..errors import ImageReadError, UserError
-from . import batches_of
+from . import FOLDER, IMAGES, READING, RECORDS, TRUTH, Location, batches_of
 
 log = logging.getLogger(__name__)
 
-DEFAULT_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+DEFAULT_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")  # dataset.extensions' default
 UNKNOWN = (-1, "")  # size and version of a file that cannot be stat'ed (a dangling link)
 
 
@@ -37,21 +37,34 @@ def normalise_extensions(extensions: Iterable[str]) -> frozenset[str]:
     return suffixes
 
 
+def extension_names(extensions: Iterable[str]) -> list[str]:
+    """`dataset.extensions` as hashed: lower case, no dot, sorted, each once (`.JPG` and `jpg` are one)."""
+    return sorted(e.lstrip(".") for e in normalise_extensions(extensions))
+
+
+def required(value, name: str, source: str):
+    """A setting the source was opened without: the stage that calls this must hash it (see DatasetSettings)."""
+    if value is None:
+        raise ValueError(f"{source} was opened without '{name}': the stage using it must hash that setting")
+    return value
+
+
 class FolderSource:
-    """`location` is a directory, or one image file (then the directory is its parent and the key its name)."""
+    """A directory, or one image file (then the directory is its parent and the key its name)."""
 
-    kind = "images"
-    format = "folder"
+    kind = IMAGES
+    format = FOLDER
+    SETTINGS = {RECORDS: ("extensions",), READING: (), TRUTH: ()}
 
-    def __init__(self, location: str | os.PathLike, extensions: Iterable[str] = DEFAULT_EXTENSIONS) -> None:
-        location = Path(location)
-        if not location.exists():
-            raise UserError(f"dataset not found: '{location}' does not exist; set dataset.path (DATASET=dir) "
+    def __init__(self, location: Location, extensions: Iterable[str] | None = None) -> None:
+        path = Path(location.path)
+        if not path.exists():
+            raise UserError(f"dataset not found: '{path}' does not exist; set dataset.path (DATASET=dir) "
                             "to a directory of images or dataset.image (IMAGE=file) to one image")
-        self.single = location.is_file()
-        self.root = location.parent if self.single else location
-        self.location = location
-        self.suffixes = normalise_extensions(extensions)
+        self.single = path.is_file()
+        self.root = path.parent if self.single else path
+        self.location = path
+        self.suffixes = normalise_extensions(extensions) if extensions is not None else None
 
     def describe(self) -> str:
         return str(self.root.resolve())
@@ -59,6 +72,7 @@ class FolderSource:
     def records(self) -> Iterator[pa.RecordBatch]:
         if self.single:
             return batches_of(iter([_record(self.location, os.fsencode(self.location.name))]))
+        required(self.suffixes, "extensions", "a folder source")
         return batches_of(self._walk())
 
     def read(self, path: bytes) -> bytes:

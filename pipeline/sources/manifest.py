@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..errors import UserError
-from . import RECORDS_SCHEMA
-from .folder import read_file
+from . import IMAGES, MANIFEST, READING, RECORDS, RECORDS_SCHEMA, TRUTH, Location
+from .folder import read_file, required
 from .remote import Remote, check_reachable, is_url, strip_protocol
 
 SUFFIXES = (".csv", ".tsv", ".parquet", ".jsonl")
@@ -30,20 +30,23 @@ _DUPLICATES_SHOWN = 5
 
 
 class ManifestSource:
-    kind = "images"
-    format = "manifest"
+    kind = IMAGES
+    format = MANIFEST
+    # A path is read as the table writes it, whatever the column is called: reading needs no setting.
+    SETTINGS = {RECORDS: ("path_column",), READING: (), TRUTH: ("path_column", "truth_column")}
 
-    def __init__(self, location: str, path_column: str = "path", truth_column: str = "label",
-                 storage_options: dict[str, Any] | None = None, retries: int = 3, timeout: float = 60.0) -> None:
-        self.location, self.path_column, self.truth_column = str(location), path_column, truth_column
-        self.remote = Remote(self.location, storage_options, retries, timeout) if is_url(self.location) else None
-        self.storage_options, self.retries, self.timeout = storage_options, retries, timeout
-        if self.remote is not None:
-            check_reachable(self.remote, strip_protocol(self.location), "dataset.path (manifest)")
-        elif not Path(self.location).is_file():
-            raise UserError(f"manifest not found: '{self.location}' (dataset.path)")
-        self.columns = _read_schema(self.location, self.remote)
-        self._check_columns(self.columns)
+    def __init__(self, location: Location, path_column: str | None = None, truth_column: str | None = None) -> None:
+        self.location, self.path_column, self.truth_column = str(location.path), path_column, truth_column
+        self.access = location  # how images at URLs are reached: storage options, retries, timeout
+        self.remote = self._remote(self.location) if is_url(self.location) else None
+        self.columns: list[str] | None = None
+        if path_column is not None:  # listing or truth: the table's columns, checked before any image is read
+            if self.remote is not None:
+                check_reachable(self.remote, strip_protocol(self.location), "dataset.path (manifest)")
+            elif not Path(self.location).is_file():
+                raise UserError(f"manifest not found: '{self.location}' (dataset.path)")
+            self.columns = _read_schema(self.location, self.remote)
+            self._check_columns(self.columns)
         self._table: pa.Table | None = None  # read when listed: a process that reuses a listing never reads it
         self._remotes: dict[str, Remote] = {}
 
@@ -54,7 +57,7 @@ class ManifestSource:
         return self._table
 
     def _check_columns(self, names: list[str]) -> None:
-        if self.path_column not in names:
+        if self.path_column is not None and self.path_column not in names:
             raise UserError(f"manifest {self.location} has no column '{self.path_column}' (it has {names}); name "
                             "the image column with dataset.path_column")
 
@@ -69,7 +72,7 @@ class ManifestSource:
         return None if self.remote else Path(self.location).resolve().parent
 
     def records(self) -> Iterator[pa.RecordBatch]:
-        paths = self.table.column(self.path_column)
+        paths = self.table.column(required(self.path_column, "path_column", "a manifest source"))
         versions = self.table.column(VERSION_COLUMN) if VERSION_COLUMN in self.table.column_names else None
         for start in range(0, len(paths), 65_536):
             block = paths.slice(start, 65_536).to_pylist()
@@ -82,7 +85,9 @@ class ManifestSource:
     def truth(self) -> pa.Table | None:
         from ..outputs.metrics import truth_table
 
-        if self.truth_column not in self.columns:  # known from the schema: the rows are read only for a truth
+        required(self.path_column, "path_column", "a manifest source")
+        if required(self.truth_column, "truth_column", "a manifest source") not in self.columns:
+            # known from the schema: the rows are read only for a truth
             return None
         return truth_table(self.table.column(self.path_column), self.table.column(self.truth_column))
 
@@ -103,12 +108,14 @@ class ManifestSource:
         where = self._where(path.decode("utf-8", "surrogateescape"))
         if isinstance(where, tuple):
             url, remote_path = where
-            remote = self._remotes.get(url.split("://", 1)[0])
-            if remote is None:
-                remote = self._remotes.setdefault(url.split("://", 1)[0],
-                                                  Remote(url, self.storage_options, self.retries, self.timeout))
-            return remote.read(remote_path)
+            protocol = url.split("://", 1)[0]
+            if protocol not in self._remotes:
+                self._remotes[protocol] = self._remote(url)
+            return self._remotes[protocol].read(remote_path)
         return read_file(where)
+
+    def _remote(self, url: str) -> Remote:
+        return Remote(url, self.access.storage_options, self.access.retries, self.access.timeout)
 
     def _where(self, path: str) -> str | tuple[str, str]:
         """A local file path, or (url, path for its filesystem)."""

@@ -33,8 +33,7 @@ def scheme(url: str) -> str:
 class Remote:
     """Picklable access to one fsspec protocol: reads with retries, the filesystem made per process."""
 
-    def __init__(self, url: str, storage_options: dict[str, Any] | None = None, retries: int = 3,
-                 timeout: float = 60.0) -> None:
+    def __init__(self, url: str, storage_options: dict[str, Any] | None, retries: int, timeout: float) -> None:
         self.protocol = scheme(url)
         self.options = dict(storage_options or {})
         self.retries, self.timeout = retries, timeout

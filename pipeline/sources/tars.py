@@ -1,17 +1,18 @@
-"""webdataset tar shards: one .tar, a folder of them, or a brace pattern (`shards/data-{0000..0099}.tar`), local
-or at URLs (s3://, gs://, http(s)://).
+"""webdataset tar shards ("tar files" in this code, where "shard" means a process's share of a job): one .tar, a
+folder of them, or a brace pattern (`shards/data-{0000..0099}.tar`), local or at URLs (s3://, gs://, http(s)://).
 
-- A record is one shard: (its file name, size, version (mtime, or the object's ETag)). Work is planned, split
-  between processes (`shard.*`, torchrun) and resumed by shard, and a changed shard re-encodes only itself.
-- A shard is read once, sequentially, by one worker, through the standard library's `tarfile` in stream mode
+- A record is one tar file: (its file name, size, version (mtime, or the object's ETag)). Work is planned,
+  split between processes (`shard.*`, torchrun) and resumed by tar file, and a changed one re-encodes only itself.
+- A tar file is read once, sequentially, by one worker, through the standard library's `tarfile` in stream mode
   ("r|*") over whatever file object fsspec gives: nothing is downloaded whole, nothing seeks. (The `webdataset`
   package would add its own pipeline and dependencies for what is, here, a loop over a tar stream and a key rule.)
 - Members are grouped by key as webdataset does: the member's path up to the first dot of its file name
   (`a/b.x.jpg` has key `a/b` and extension `x.jpg`). A member whose file extension is an image extension is an
-  image, keyed `<shard file name>/<member name>`; `dataset.truth_member` (`cls`, `txt`, or `json.<field>`) names
-  the sibling member that holds its truth.
-- A shard that ends early (truncated) or cannot be read becomes an error row keyed by the shard's name, after
-  the images read before the fault.
+  image, keyed `<tar file name>/<member name>`; `dataset.truth_member` (`cls`, `txt`, or `json.<field>`) names
+  the sibling member that holds its truth. Both settings decide what reading a tar file gives, so the stages
+  that read them hash them (`SETTINGS`); listing tar files needs neither.
+- A tar file that ends early (truncated) or cannot be read becomes an error row keyed by its name, after the
+  images read before the fault.
 """
 
 from __future__ import annotations
@@ -22,11 +23,11 @@ import re
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Iterable, Iterator
 
 from ..errors import ImageReadError, UserError
-from . import batches_of
-from .folder import normalise_extensions
+from . import READING, RECORDS, TAR, TARS, TRUTH, Location, batches_of
+from .folder import normalise_extensions, required
 from .remote import Remote, check_reachable, is_url, strip_protocol
 
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
@@ -51,18 +52,19 @@ def expand(pattern: str) -> list[str]:
 
 
 class TarSource:
-    kind = "shards"
-    format = "tar"
-    root = None  # images live inside shards: no file to show in a report
+    kind = TARS
+    format = TAR
+    root = None  # images live inside tar files: no file to show in a report
+    SETTINGS = {RECORDS: (), READING: ("extensions", "truth_member"), TRUTH: ()}
 
-    def __init__(self, location: str, extensions: Iterable[str], truth_member: str | None = None,
-                 storage_options: dict[str, Any] | None = None, retries: int = 3, timeout: float = 60.0) -> None:
-        self.location = str(location)
-        self.suffixes = normalise_extensions(extensions)
-        self.truth_member = truth_member
-        self.storage_options, self.retries, self.timeout = storage_options, retries, timeout
-        self.remote = Remote(self.location, storage_options, retries, timeout) if is_url(self.location) else None
-        self.shards = self._list()  # name -> (where, size, version)
+    def __init__(self, location: Location, extensions: Iterable[str] | None = None,
+                 truth_member: str | None = None) -> None:
+        self.location = str(location.path)
+        self.suffixes = normalise_extensions(extensions) if extensions is not None else None
+        self.truth_member = truth_member  # None: no truth member (a hashed setting like the extensions)
+        self.remote = Remote(self.location, location.storage_options, location.retries, location.timeout) \
+            if is_url(self.location) else None
+        self.tars = self._list()  # name -> (where, size, version)
 
     def describe(self) -> str:
         return self.location
@@ -71,10 +73,10 @@ class TarSource:
 
     def records(self):
         return batches_of((name.encode("utf-8", "surrogateescape"), size, version)
-                          for name, (_, size, version) in sorted(self.shards.items()))
+                          for name, (_, size, version) in sorted(self.tars.items()))
 
     def truth(self) -> None:
-        return None  # carried by the shards themselves (truth_member), read with the images
+        return None  # carried by the tar files themselves (truth_member), read with the images
 
     def _list(self) -> dict[str, tuple[str, int, str]]:
         if "{" in self.location:
@@ -88,17 +90,17 @@ class TarSource:
                 raise UserError(f"tar shard not found: {self.location} (dataset.path)")
         else:
             found = self._folder()
-        shards: dict[str, tuple[str, int, str]] = {}
+        tars: dict[str, tuple[str, int, str]] = {}
         for where, size, version in found:
             name = where.rstrip("/").rsplit("/", 1)[-1]
-            if name in shards:
-                raise UserError(f"two shards named {name} ({shards[name][0]}, {where}): shard file names are part "
+            if name in tars:
+                raise UserError(f"two tar files named {name} ({tars[name][0]}, {where}): their file names are part "
                                 "of every image's key and must differ")
-            shards[name] = (where, size, version)
-        return shards
+            tars[name] = (where, size, version)
+        return tars
 
     def _stat(self, where: str) -> tuple[str, int, str]:
-        """(where, size, version); size -1 when the shard is missing (read later, it becomes an error row)."""
+        """(where, size, version); size -1 when the tar file is missing (read later, it becomes an error row)."""
         if self.remote is None:
             try:
                 st = os.stat(where)
@@ -125,11 +127,12 @@ class TarSource:
 
     # ------------------------------------------------------------------------------------------------ reading
 
-    def members(self, shard: bytes) -> Iterator[TarImage]:
-        """The shard's images in stored order, read once, sequentially. Raises ImageReadError for a shard that
+    def members(self, tar: bytes) -> Iterator[TarImage]:
+        """The tar file's images in stored order, read once, sequentially. Raises ImageReadError for one that
         cannot be opened or read to its end (after yielding what came before)."""
-        name = shard.decode("utf-8", "surrogateescape")
-        where = self.shards[name][0]
+        required(self.suffixes, "extensions", "a tar source")
+        name = tar.decode("utf-8", "surrogateescape")
+        where = self.tars[name][0]
         handle = self._open(where)
         try:
             with tarfile.open(fileobj=handle, mode="r|*") as tar:

@@ -1,15 +1,15 @@
 """Stage `calibration`: the images that static int8 quantisation measures activation ranges on.
 
-The dataset's first images in listing order (the first members of the first tar shards), preprocessed as the run
-preprocesses them; when the dataset has fewer that decode, the bundled sample (`make demo`'s) tops them up. A
-content stage: it is fingerprinted by the pixels it chose, so the int8 export, and every embedding made with it,
-is reused as long as those first images stay the same, however much the rest of the dataset grows.
+The dataset's first images in listing order (the first members of the first tar files), preprocessed as the
+run preprocesses them, up to `model.calibration_images`; fewer than `MIN_IMAGES` that decode is refused (ranges
+measured on a handful of images clip the activations of the rest). A content stage: it is fingerprinted by the
+pixels it chose, so the int8 export, and every embedding made with it, is reused as long as those first images
+stay the same, however much the rest of the dataset grows.
 """
 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -17,29 +17,28 @@ import numpy as np
 from ..engine import Artifact, StageContext
 from ..errors import ImageError, UserError
 from ..imaging import Preprocessor, load_and_preprocess
+from ..sources import TARS
 from .discover import Records
 
 log = logging.getLogger(__name__)
 
-VERSION = 1
-# Besides this module, the code that decides its output (tests/unit/test_stage_versions.py holds VERSION to it).
-CODE = ("pipeline.imaging",)
+VERSION = 2
 CALIBRATION_FILE = "calibration.npy"
-SAMPLE = Path(__file__).resolve().parents[2] / "tests" / "assets" / "sample" / "images"
+MIN_IMAGES = 16  # static int8 needs activation ranges from more than a handful of images
 
 
-def calibrate(ctx: StageContext, *, records: Artifact, count: int, preprocess: dict, draft: bool,
+def calibrate(ctx: StageContext, *, records: Artifact, source: dict, count: int, preprocess: dict, draft: bool,
               max_pixels: int) -> None:
+    """`source`: the settings that decide what reading the dataset gives (as encode_images hashes them)."""
     preprocessor = Preprocessor.from_params(preprocess)
-    rows = _preprocessed(_dataset_images(ctx.runtime.source, records), preprocessor, draft, max_pixels, count)
-    if len(rows) < count:
-        sample = sorted(SAMPLE.glob("*")) if SAMPLE.is_dir() else []
-        log.info("int8 calibration: %d of %d images from the dataset, topped up from the bundled sample (%d)",
-                 len(rows), count, len(sample))
-        rows += _preprocessed((p.read_bytes() for p in sample), preprocessor, draft, max_pixels, count - len(rows))
-    if not rows:
-        raise UserError("no image to calibrate int8 quantisation on: the dataset has none that decodes and the "
-                         f"bundled sample ({SAMPLE}) is missing; use device.dtype=fp32")
+    dataset = ctx.execution.sources.open(source)
+    rows = _preprocessed(_dataset_images(dataset, records), preprocessor, draft, max_pixels, count)
+    if len(rows) < min(count, MIN_IMAGES):
+        raise UserError(f"int8 calibration needs at least {min(count, MIN_IMAGES)} images that decode; the dataset "
+                        f"has {len(rows)}. Use device.dtype=fp32 (a dataset this small gains nothing from int8), "
+                        "or classify a larger one")
+    log.info("int8 calibration on the dataset's first %d images that decode (model.calibration_images=%d)",
+             len(rows), count)
     np.save(ctx.out / CALIBRATION_FILE, np.stack(rows).astype(np.float32))
 
 
@@ -51,7 +50,7 @@ def _dataset_images(source, records: Artifact) -> Iterator[bytes]:
     for batch in Records(records).batches():
         for path in batch.column("path").to_pylist():
             try:
-                if source.kind == "shards":
+                if source.kind == TARS:
                     yield from (member.data for member in source.members(path))
                 else:
                     yield source.read(path)

@@ -21,15 +21,13 @@ from ..progress import Progress
 from ..outputs.writers import (EmbeddingsWriter, ErrorsWriter, PredictionsWriter, ResJsonWriter,
                                write_label_embeddings)
 from .discover import display_path
-from .encode_images import embedding_matrix, image_count, iter_chunks
+from ..encoding.embeddings import embedding_matrix, image_count, iter_chunks
 from .encode_labels import read_label_embeddings
 from .truth import truth_walk
 
 log = logging.getLogger(__name__)
 
-VERSION = 4
-# Besides this module, the code that decides its output (tests/unit/test_stage_versions.py holds VERSION to it).
-CODE = ("pipeline.zeroshot", "pipeline.outputs.writers", "pipeline.outputs.metrics")
+VERSION = 5
 COUNTS_FILE = "counts.json"
 OUTPUT_FILES = ("predictions.parquet", "errors.parquet", "res.json")
 # Only written when asked for (embeddings=true) or when ground truth is known.
@@ -53,8 +51,8 @@ def classify(ctx: StageContext, *, truth: Artifact, label_embeddings: Artifact, 
     scores = MultiLabelMetrics(labels, threshold) if multilabel else MetricsAccumulator(labels)
     decide = dict(labels=labels, topk=topk, min_score=min_score, unknown_label=unknown_label,
                   threshold=threshold if multilabel else None)
-    progress = Progress("classify", image_count(image_embeddings), "img", ctx.runtime.progress,
-                        ctx.runtime.progress_interval)
+    progress = Progress("classify", image_count(image_embeddings), "img", ctx.execution.progress,
+                        ctx.execution.progress_interval)
     try:
         for chunk in iter_chunks(image_embeddings):
             progress.update(len(chunk))

@@ -22,22 +22,19 @@ from ..sources import RECORDS_SCHEMA
 
 log = logging.getLogger(__name__)
 
-VERSION = 5
-# Besides this module, the code that decides its output (tests/unit/test_stage_versions.py holds VERSION to it).
-CODE = ("pipeline.sources", "pipeline.sources.folder", "pipeline.sources.manifest", "pipeline.sources.tars",
-        "pipeline.sources.bucket", "pipeline.sources.remote")
+VERSION = 6
 RECORDS_FILE = "records.arrow"
 
 
-def discover(ctx: StageContext, *, extensions: list[str], format: str, path_column: str) -> None:
-    """The params are hashed for the record; the source (built from the same config) applies them."""
-    source = ctx.runtime.source
+def discover(ctx: StageContext, *, source: dict) -> None:
+    """`source`: the settings that decide the listing (see pipeline.sources.DatasetSettings)."""
+    dataset = ctx.execution.sources.open(source)
     count = 0
     with ipc.new_file(ctx.out / RECORDS_FILE, RECORDS_SCHEMA) as writer:
-        for batch in source.records():
+        for batch in dataset.records():
             writer.write_batch(batch)
             count += batch.num_rows
-    log.info("discovered %d images in %s", count, source.describe())
+    log.info("discovered %d images in %s", count, dataset.describe())
 
 
 class Records:

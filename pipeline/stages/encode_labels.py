@@ -17,9 +17,7 @@ from ..engine.files import write_json
 
 log = logging.getLogger(__name__)
 
-VERSION = 3
-# Besides this module, the code that decides its output (tests/unit/test_stage_versions.py holds VERSION to it).
-CODE = ("pipeline.zeroshot", "pipeline.labels", "pipeline.models", "pipeline.families")
+VERSION = 4
 EMBEDDINGS_FILE = "label_embeddings.npy"
 SCALE_FILE = "scale.json"
 
@@ -27,7 +25,7 @@ SCALE_FILE = "scale.json"
 def encode_labels(ctx: StageContext, *, model: str, dtype: str, texts: list[str], templates: list[str],
                   towers: Artifact | None = None) -> None:
     """`towers`: an export_towers entry when the towers run on ONNX Runtime or OpenVINO; else torch runs them."""
-    loaded = ctx.runtime.models.get(model, dtype, towers.path if towers is not None else None)
+    loaded = ctx.execution.models.get(model, dtype, towers.path if towers is not None else None)
     started = time.perf_counter()
     embeddings = zeroshot.label_embeddings(loaded.encode_text, texts, templates)
     np.save(ctx.out / EMBEDDINGS_FILE, embeddings.astype(np.float32))

@@ -11,14 +11,12 @@ from ..engine import Artifact, StageContext
 from ..export import export
 from .calibration import read_calibration
 
-VERSION = 2
-# Besides this module, the code that decides its output (tests/unit/test_stage_versions.py holds VERSION to it).
-CODE = ("pipeline.export", "pipeline.inference")
+VERSION = 3
 
 
 def export_towers(ctx: StageContext, *, model: str, runtime: str, dtype: str, image_size: list[int],
                   calibration: Artifact | None = None) -> None:
-    loaded = ctx.runtime.models.get(model, "fp32")  # torch, fp32, on the CPU: what every export starts from
+    loaded = ctx.execution.models.get(model, "fp32")  # torch, fp32, on the CPU: what every export starts from
     pixels = read_calibration(calibration) if calibration is not None else None
     export(loaded.model, loaded.tokenizer, loaded.text_kwargs, tuple(image_size), ctx.out, runtime, dtype,
            (loaded.logit_scale, loaded.logit_bias), pixels)

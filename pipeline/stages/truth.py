@@ -9,28 +9,29 @@ import logging
 
 from ..engine import Artifact, StageContext
 from ..outputs import metrics
+from ..sources import TARS
 from .discover import Records, display_path
 
 log = logging.getLogger(__name__)
 
-VERSION = 5
-# Besides this module, the code that decides its output (tests/unit/test_stage_versions.py holds VERSION to it).
-CODE = ("pipeline.outputs.metrics", "pipeline.sources.manifest")
+VERSION = 6
 TRUTH_FILE = "truth.parquet"
 
 
-def load_truth(ctx: StageContext, *, records: Artifact, mode: str, column: str, labels: list[str]) -> None:
+def load_truth(ctx: StageContext, *, records: Artifact, source: dict, mode: str, column: str,
+               labels: list[str]) -> None:
     """`mode`: auto (the source's own truth, e.g. a manifest's label column; else folder-per-class when every top
-    folder is a label), folders, or file (`runtime.truth_file`, a location, so not hashed: this content stage is
-    fingerprinted by the truth it read). Truth read with the images (tar shards) reaches classify in the chunks."""
+    folder is a label), folders, or file (`execution.truth_file`, a location, so not hashed: this content stage
+    is fingerprinted by the truth it read). `source`: the settings that decide the truth the source carries.
+    Truth read with the images (a tar file's truth member) reaches classify in the chunks."""
     out = ctx.out / TRUTH_FILE
-    source = ctx.runtime.source
-    carried = source.truth() if mode == "auto" else None
+    dataset = ctx.execution.sources.open(source)
+    carried = dataset.truth() if mode == "auto" else None
     if carried is not None:
         metrics.write_truth(out, carried)
     elif mode == "file":
-        metrics.write_truth(out, metrics.truth_from_file(ctx.runtime.truth_file, column))
-    elif source.kind == "shards":
+        metrics.write_truth(out, metrics.truth_from_file(ctx.execution.truth_file, column))
+    elif dataset.kind == TARS:
         metrics.write_truth(out, None)
     else:
         paths = ([display_path(p) for p in batch.column("path").to_pylist()] for batch in Records(records).batches())

@@ -1,4 +1,4 @@
-"""Benchmark primitives for `make bench` (kept out of the runtime package): real-size random-weight models,
+"""Benchmark primitives for `make bench` (kept out of the `pipeline` package): real-size random-weight models,
 mixed-size JPEGs, timers, the peak-matmul probe and FLOP counting.
 
 Everything that `make bench` prints as a ratio is measured in the same process, on the same images and labels,

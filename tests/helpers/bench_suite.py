@@ -3,7 +3,7 @@
 Real architectures at real size with random weights (built from their configs, nothing downloaded), generated
 JPEGs of mixed sizes (320x240 to 4000x3000), medians over repeats, every ratio measured side by side in one
 process (the ceiling and our pipeline alternate, repeat by repeat). `jobs/bench.py` is the entry point; this
-module is the benchmark itself, kept out of the runtime package.
+module is the benchmark itself, kept out of the `pipeline` package.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 
 from pipeline import workflow
 from pipeline.config import PROJECT_ROOT, compose as compose_config, quote_override_value
-from pipeline.workflow import ACCELERATOR_BATCH, CPU_BATCH
+from pipeline.stages.execution import default_batch_size
 from pipeline.devices import cpu_count, resolve
 from pipeline.imaging import PreprocessSpec, load_and_preprocess
 from pipeline.models import LoadedModel, inspect_model_dir
@@ -58,10 +58,10 @@ def warmup_alone_seconds(loaded: LoadedModel, batch: int) -> float:
     costs with nothing else running. The pipeline's workers already decode during its warm-up; subtracting
     this (not the warm-up as it ran) leaves that decoding on our clock."""
     from pipeline.imaging import preprocess
-    from pipeline.stages.encode_images import builtin_warmup_image
+    from pipeline.encoding.loop import builtin_warmup_image
 
     count = batch if loaded.choice.is_accelerator else 1
-    pixels = torch.from_numpy(np.stack([preprocess(builtin_warmup_image(), loaded.spec)] * count))
+    pixels = torch.from_numpy(np.stack([preprocess(builtin_warmup_image(), loaded.preprocess_spec)] * count))
     loaded.encode_images(pixels)
     return B.median_time(lambda: loaded.encode_images(pixels), 3, loaded.choice.device)
 
@@ -135,7 +135,7 @@ def bench_real_model(name: str, args, work: Path, images_all: list[Path], peaks:
     result = {"model": name, "family": family, "images": n, "batch_size": batch, "build_seconds": build_seconds,
               "load_seconds": load_seconds}
 
-    pixels = torch.from_numpy(np.stack([load_and_preprocess(p.read_bytes(), loaded.spec)[0] for p in paths]))
+    pixels = torch.from_numpy(np.stack([load_and_preprocess(p.read_bytes(), loaded.preprocess_spec)[0] for p in paths]))
     on_device = pixels[:1].to(loaded.choice.device, loaded.choice.dtype)
     counted = loaded.model if loaded.choice.device.type == "cpu" else B.cpu_copy(loaded.model)
     vision_flops = B.count_flops(lambda: counted.get_image_features(
@@ -196,13 +196,13 @@ def bench_data_path(args, work: Path, images_all: list[Path]) -> dict:
                   f"labels.list={quote_override_value(','.join(synthetic.shape_labels()))}",
                   f"cache_dir={work / 'dp' / 'cache'}", f"output_dir={work / 'dp' / 'out'}", *device_overrides(args))
     ours, raw, workers = [], [], []
-    batch = ACCELERATOR_BATCH if loaded.choice.is_accelerator else CPU_BATCH
+    batch = default_batch_size(loaded.choice)
     warmup = warmup_alone_seconds(loaded, batch)
     for _ in range(args.repeats):  # alternating, like the model measurements
         run = run_ours_once(cfg, work / "dp", loaded, warmup)
         ours.append(run["images"] / run["seconds"])
         workers.append(run["decode_workers"])
-        raw.append(B.plain_pillow_rate(images_all, loaded.spec, cores, 1))
+        raw.append(B.plain_pillow_rate(images_all, loaded.preprocess_spec, cores, 1))
     small = next(p for p in images_all if "500x375" in p.name)
     large = next(p for p in images_all if "4000x3000" in p.name)
     from transformers import CLIPImageProcessorPil
@@ -295,7 +295,9 @@ def measure_variant(spec: dict) -> dict:
     """In the variant's own process: `prepare` makes the export (timed); otherwise our pipeline end to end once
     (the export cached), then the vision tower alone on the same images, preprocessed beforehand."""
     work = Path(spec["work"])
+    count = len(list(Path(spec["images"]).iterdir()))  # int8 calibrates on the measured images (fewer than 16 here)
     cfg = compose(f"model.path={spec['model_dir']}", f"dataset.path={spec['images']}", "labels=custom",
+                  f"model.calibration_images={count}",
                   f"labels.list={json.dumps(spec['labels'], ensure_ascii=False)}",
                   f"labels.template={quote_override_value(spec['template'])}", f"encode.batch_size={spec['batch']}",
                   f"model.runtime={spec['runtime']}", f"device.dtype={spec['dtype']}", f"cache_dir={work / 'cache'}",
@@ -308,7 +310,7 @@ def measure_variant(spec: dict) -> dict:
     export = summary.artifacts["export_towers"].path if "export_towers" in summary.artifacts else None
     loaded = LoadedModel(inspect_model_dir(spec["model_dir"]), resolve("cpu", spec["dtype"]), export=export)
     paths = sorted(Path(spec["images"]).iterdir())
-    pixels = torch.from_numpy(np.stack([load_and_preprocess(p.read_bytes(), loaded.spec)[0] for p in paths]))
+    pixels = torch.from_numpy(np.stack([load_and_preprocess(p.read_bytes(), loaded.preprocess_spec)[0] for p in paths]))
     loaded.encode_images(pixels[: spec["batch"]])  # warm-up
     seconds = B.median_time(lambda: [loaded.encode_images(b) for b in torch.split(pixels, spec["batch"])], 1)
     if spec.get("save_embeddings"):

@@ -126,3 +126,13 @@ def test_progress_in_a_log_file_is_lines_not_bars(tmp_path):
     log = log_of(proc)
     assert "\r" not in log and "encode images: 38/38 img (100.0%)" in log and "classify: 38/38 img" in log
     assert "ETA 0:00:00" in log
+
+
+@pytest.mark.parametrize("override,choices", [("cache_lock=bogus", "[auto, flock, soft]"),
+                                              ("dataset.format=bogus", "[auto, folder, manifest, tar, bucket]")])
+def test_a_closed_choice_outside_its_values_stops_before_any_work(tmp_path, override, choices):
+    proc = run([sys.executable, str(JOB), "dataset=sample", "model=tiny_clip", "labels=shapes", override,
+                f"hydra.run.dir={tmp_path / 'out'}", f"cache_dir={tmp_path / 'cache'}"] + QUIET)
+    assert proc.returncode == 2, log_of(proc)
+    assert f"Invalid value 'bogus', expected one of {choices}" in log_of(proc)
+    assert "stage discover" not in log_of(proc) and not (tmp_path / "cache").exists()

@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import workflow
-from pipeline.stages.encode_images import embedding_matrix, iter_chunks
+from pipeline.encoding.embeddings import embedding_matrix, iter_chunks
 
 pytestmark = pytest.mark.slow
 

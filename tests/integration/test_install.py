@@ -30,7 +30,7 @@ except ModuleNotFoundError:  # Python 3.10: pytest itself depends on tomli there
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
 EXTRAS = PROJECT["optional-dependencies"]
 # Every extra the README's Install section names.
-DOCUMENTED_EXTRAS = {"cuda", "npu", "onnx", "openvino", "torchao", "slurm", "joblib", "s3", "gcs", "http"}
+DOCUMENTED_EXTRAS = {"npu", "onnx", "openvino", "torchao", "slurm", "joblib", "s3", "gcs", "http"}
 # What the tests exercise: all three runtimes, both launchers, S3 and HTTP sources.
 TESTED_EXTRAS = ["onnx", "openvino", "torchao", "slurm", "joblib", "s3", "http"]
 FAKE_TORCH = "2.6.0"  # inside the range, older than the wheel `make install` takes: pip must leave it be
@@ -67,7 +67,7 @@ def test_every_documented_extra_exists_and_the_test_extra_covers_the_runtimes():
     for extra in TESTED_EXTRAS:
         assert set(_requirements(EXTRAS[extra])) <= set(test), (extra, set(_requirements(EXTRAS[extra])) - set(test))
     everything = set(_requirements(EXTRAS["all"]))
-    for extra in set(EXTRAS) - {"all", "cuda", "npu", "test"}:
+    for extra in set(EXTRAS) - {"all", "npu", "test"}:
         assert set(_requirements(EXTRAS[extra])) <= everything, extra
     assert not {"torchvision", "torch-npu"} & everything  # those need matching hardware and a matching torch
 

@@ -14,7 +14,8 @@ from pipeline import workflow
 from pipeline.errors import UserError
 from pipeline.imaging import decode
 from pipeline.outputs.writers import read_metadata
-from pipeline.stages import discover, encode_images
+from pipeline.encoding import loop
+from pipeline.stages import discover
 from tests.helpers import SAMPLE_IMAGES, SAMPLE_TRUTH, TINY_CHINESE_CLIP, TINY_CLIP
 from tests.helpers import statuses as _statuses
 
@@ -133,7 +134,7 @@ def test_resume_after_crash_gives_identical_outputs(compose, monkeypatch):
     args = ("encode.batch_size=3", "encode.chunk_size=7")
     reference = workflow.run(compose(*args, out="ref", cache="cache_ref"))
 
-    real_write = encode_images._write_chunk
+    real_write = loop.write_chunk
     written = []
 
     def crash_after_two(*a, **kw):
@@ -142,10 +143,10 @@ def test_resume_after_crash_gives_identical_outputs(compose, monkeypatch):
         written.append(1)
         return real_write(*a, **kw)
 
-    monkeypatch.setattr(encode_images, "_write_chunk", crash_after_two)
+    monkeypatch.setattr(loop, "write_chunk", crash_after_two)
     with pytest.raises(KeyboardInterrupt):
         workflow.run(compose(*args))
-    monkeypatch.setattr(encode_images, "_write_chunk", real_write)
+    monkeypatch.setattr(loop, "write_chunk", real_write)
     resumed = workflow.run(compose(*args))
     assert _statuses(resumed)["encode_images"] == "resumed"
     chunks = len(resumed.artifacts["encode_images"].chunks())

@@ -80,7 +80,7 @@ def test_exported_runtimes_see_one_image_batch_shape(compose, monkeypatch):
 
 def _images(tmp_path, names):
     folder = tmp_path / "images"
-    folder.mkdir(exist_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
     for name, source in names:
         shutil.copy(SAMPLE_IMAGES / source, folder / name)
     return folder
@@ -103,18 +103,25 @@ def test_int8_calibrates_on_the_first_images_and_keeps_them_as_the_dataset_grows
     assert _states(changed)["calibration"] == "changed" and _states(changed)["export_towers"] == "ran"
 
 
-def test_int8_calibration_tops_up_from_the_bundled_sample(compose, tmp_path, caplog):
-    folder = _images(tmp_path, [("only.jpg", sorted(p.name for p in SAMPLE_IMAGES.glob("*.jpg"))[0])])
+def test_int8_calibrates_on_the_dataset_alone_and_refuses_too_few_images(compose, tmp_path, caplog):
+    """An installed package has no sample to top up from: the run says how many images it calibrated on, and
+    refuses int8 below the stated minimum."""
+    from pipeline.stages.calibration import MIN_IMAGES
+
+    names = sorted(p.name for p in SAMPLE_IMAGES.glob("*.jpg"))
+    few = _images(tmp_path / "few", [(f"{i}.jpg", name) for i, name in enumerate(names[:MIN_IMAGES - 1])])
+    with pytest.raises(UserError, match=f"at least {MIN_IMAGES} images that decode; the dataset has {MIN_IMAGES - 1}"):
+        workflow.run(compose("model.runtime=onnxruntime", "device.dtype=int8", "report=false",
+                             f"dataset.path={few}"))
     with caplog.at_level("INFO"):
         summary = workflow.run(compose("model.runtime=onnxruntime", "device.dtype=int8", "report=false",
-                                       "model.calibration_images=16", f"dataset.path={folder}"))
-    assert np.load(summary.artifacts["calibration"].file("calibration.npy")).shape[0] == 16
-    assert "1 of 16 images from the dataset, topped up from the bundled sample" in caplog.text
-    assert summary.classified == 1
+                                       "model.calibration_images=20", out="enough"))
+    assert np.load(summary.artifacts["calibration"].file("calibration.npy")).shape[0] == 20
+    assert "int8 calibration on the dataset's first 20 images that decode" in caplog.text
 
 
 def test_auto_is_torch_and_exported_runtimes_are_opt_in():
-    """Faster on a CPU, but opt-in while their memory grows with the run (README "Performance")."""
+    """Faster on a CPU once exported, but opt-in: auto runs the reference's own code (README "Performance")."""
     for device in ("cpu", "cuda"):
         assert inference.resolve_runtime("auto", device, "fp32", True, "clip") == inference.TORCH
     assert inference.resolve_runtime("openvino", "cpu", "int8", True, "clip") == inference.OPENVINO

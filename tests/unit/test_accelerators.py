@@ -97,15 +97,15 @@ def test_pixels_are_copied_then_cast_on_the_device():
 
 
 def test_short_batches_are_padded_to_a_fixed_shape():
-    from pipeline.stages.encode_images import _pad
+    from pipeline.encoding.loop import pad
 
     batch = torch.ones((3, 3, 8, 8))
-    padded = _pad(batch, 8)
+    padded = pad(batch, 8)
     assert padded.shape == (8, 3, 8, 8) and padded[3:].abs().sum() == 0 and torch.equal(padded[:3], batch)
     inputs = {"pixel_values": torch.ones((2, 4, 5)), "spatial_shapes": torch.ones((2, 2), dtype=torch.long)}
-    assert {k: tuple(v.shape) for k, v in _pad(inputs, 4).items()} == {"pixel_values": (4, 4, 5),
+    assert {k: tuple(v.shape) for k, v in pad(inputs, 4).items()} == {"pixel_values": (4, 4, 5),
                                                                        "spatial_shapes": (4, 2)}
-    assert _pad(batch, None) is batch
+    assert pad(batch, None) is batch
 
 
 def test_padded_batches_give_the_same_results(compose, monkeypatch):
@@ -119,7 +119,7 @@ def test_padded_batches_give_the_same_results(compose, monkeypatch):
 
     def build_padded(*a, **kw):
         pipeline = real_build(*a, **kw)
-        pipeline.runtime.pad_to = pipeline.runtime.batch_size  # as on an accelerator
+        pipeline.execution.pad_to = pipeline.execution.batch_size  # as on an accelerator
         return pipeline
 
     monkeypatch.setattr(workflow, "build", build_padded)
@@ -145,7 +145,7 @@ def test_worker_counts_per_rank(monkeypatch, local_world, cpus, accelerator, exp
 
 
 def test_worker_tuner_grows_while_it_pays_and_falls_back():
-    from pipeline.stages.encode_images import WorkerTuner
+    from pipeline.encoding.tuner import WorkerTuner
 
     tuner = WorkerTuner(start=1, highest=4, fixed=False)
     tuner.observe(1, images=100, seconds=4.0, waited=2.0)  # the model waits half the time: one more

@@ -1,5 +1,5 @@
 """The Hydra schema: typos fail at start-up, nothing is guessed from the demo, the vendor flags map onto the same
-config, and every key's declared role (result / content / runtime) is what the stages' fingerprints do."""
+config, and every key's declared role (result / input / execution) is what the stages' fingerprints do."""
 
 import shutil
 
@@ -8,8 +8,8 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ValidationError
 
 from pipeline import workflow
-from pipeline.config import CONTENT, RESULT, RUNTIME, compose, roles, translate_flags
-from pipeline.engine import CACHED, CONTENT as CONTENT_STAGE, Artifact, Runner
+from pipeline.config import EXECUTION, INPUT, RESULT, compose, roles, translate_flags
+from pipeline.engine import CACHED, CONTENT, Artifact, Runner
 from tests.helpers import SAMPLE_IMAGES, TINY_CLIP, write_shards
 
 
@@ -57,7 +57,7 @@ ALTERNATIVES = {
     "labels.name": ([], "renamed"), "labels.list": ([], "'circle,square'"), "labels.file": ([], None),
     "labels.template": ([], "'a drawing of a _.'"), "labels.templates": ([], "['a _.','the _.']"),
     "dataset.path": ([], None), "dataset.image": ([], None), "dataset.extensions": ([], "[jpg]"),
-    "dataset.format": ("mixed", "tar"), "dataset.path_column": ([], "file"),
+    "dataset.format": ("mixed", "tar"), "dataset.path_column": ("manifest", "file"),
     "dataset.truth": ([], None), "dataset.truth_column": ([], "color"), "dataset.truth_member": ("tar", "cls"),
     "dataset.storage_options": ([], "{anon:true}"), "dataset.retries": ([], "1"), "dataset.io_timeout": ([], "5"),
     "dataset.listing": ([], "job-7"),
@@ -79,21 +79,26 @@ ALTERNATIVES = {
 def _identities(compose_fixture, *overrides) -> dict[str, str]:
     """Identity (name, version, params) of every stage that is cached or fingerprinted by content."""
     pipeline = workflow.build(compose_fixture(*overrides))
-    return {s.name: s.identity for s in pipeline.stages if s.kind in (CACHED, CONTENT_STAGE)}
+    return {s.name: s.identity for s in pipeline.stages if s.kind in (CACHED, CONTENT)}
 
 
 def test_every_schema_key_declares_its_role():
     declared = roles()
-    assert sorted(k for k, role in declared.items() if role not in (RESULT, CONTENT, RUNTIME)) == []
+    assert sorted(k for k, role in declared.items() if role not in (RESULT, INPUT, EXECUTION)) == []
     assert sorted(declared) == sorted(ALTERNATIVES), "add the new key to ALTERNATIVES with another value"
 
 
 def _base(base, tmp_path) -> list[str]:
-    """The overrides a comparison starts from: a list, or "tar" (a folder of one tar shard) or "mixed" (a folder
-    of images and a tar shard, which is a folder of images unless dataset.format says otherwise)."""
+    """The overrides a comparison starts from: a list, or "tar" (a folder of one tar shard), "mixed" (a folder
+    of images and a tar shard, which is a folder of images unless dataset.format says otherwise) or "manifest" (a
+    table with the paths in two columns, `path` and `file`)."""
     if not isinstance(base, str):
         return base
     images = sorted(SAMPLE_IMAGES.glob("*.jpg"))[:3]
+    if base == "manifest":
+        table = tmp_path / "manifest.csv"
+        table.write_text("path,file\n" + "".join(f"{p},{p}\n" for p in images))
+        return [f"dataset.path={table}"]
     folder = tmp_path / base
     write_shards(folder, images, per_shard=3)
     if base == "mixed":
@@ -102,8 +107,8 @@ def _base(base, tmp_path) -> list[str]:
     return [f"dataset.path={folder}"]
 
 
-@pytest.mark.parametrize("key", sorted(k for k, role in roles().items() if role in (RESULT, RUNTIME)))
-def test_result_keys_are_hashed_and_runtime_keys_are_not(compose, key, tmp_path):
+@pytest.mark.parametrize("key", sorted(k for k, role in roles().items() if role in (RESULT, EXECUTION)))
+def test_result_keys_are_hashed_and_execution_keys_are_not(compose, key, tmp_path):
     base, value = ALTERNATIVES[key]
     base = _base(base, tmp_path)
     before = _identities(compose, *base)
@@ -113,13 +118,13 @@ def test_result_keys_are_hashed_and_runtime_keys_are_not(compose, key, tmp_path)
     if roles()[key] == RESULT:
         assert changed, f"{key} is declared result-affecting but no stage hashes it"
     else:
-        assert changed == [], f"{key} is declared runtime-only but changes {changed}"
+        assert changed == [], f"{key} is declared execution-only but changes {changed}"
 
 
 def _downstream_fingerprints(compose_fixture, tmp_path, *overrides) -> dict[str, str]:
     """Fingerprints of every cached stage once the content stages have read the inputs."""
     pipeline = workflow.build(compose_fixture(*overrides, "report=false", cache=f"cache-{len(overrides)}"))
-    runner = Runner(pipeline.cache_dir, pipeline.runtime)
+    runner = Runner(pipeline.cache_dir, pipeline.execution)
     upstream = runner.run(pipeline.stages, targets=("discover", "truth"))
     out = {name: art.fingerprint for name, art in upstream.items()}
     for stage in pipeline.stages:  # in DAG order: a stage's inputs are computed before it
@@ -130,7 +135,7 @@ def _downstream_fingerprints(compose_fixture, tmp_path, *overrides) -> dict[str,
     return out
 
 
-@pytest.mark.parametrize("key", sorted(k for k, role in roles().items() if role == CONTENT))
+@pytest.mark.parametrize("key", sorted(k for k, role in roles().items() if role == INPUT))
 def test_content_keys_follow_content_not_location(compose, key, tmp_path):
     """Moving a content input changes no fingerprint (classify only records where things were, so it is left
     out); changing its content changes some."""

@@ -67,7 +67,7 @@ def test_stage_gets_exactly_its_hashed_params(tmp_path):
         (ctx.out / "v").write_text("x")
 
     stage = Stage("s", fn, params={"a": 1, "b": [1, "x"], "c": {"d": None}})
-    Runner(tmp_path, runtime="not hashed").run([stage])
+    Runner(tmp_path, execution="not hashed").run([stage])
     assert seen == {"a": 1, "b": [1, "x"], "c": {"d": None}}
     assert Stage("s", fn, params={"a": 2}).fingerprint({}) != stage.fingerprint({})
 
@@ -309,3 +309,43 @@ def test_content_stage_shared_by_a_token_runs_once(tmp_path):
     later = Runner(tmp_path, reuse_tokens={"source": "job-2"})
     later.run(_stages(calls, lambda: value["v"], 2, sink_log))
     assert calls.count["source"] == 2 and sink_log[-1] == "8"
+
+
+def test_a_shardable_stage_runs_its_share_through_the_runner_and_a_whole_run_seals_it(tmp_path, caplog):
+    """Shards fill the pool of a shardable stage (no entry sealed, reported like any stage, with their share);
+    they refuse a stage that needs all of it; a later whole run finds their chunks and seals the entry."""
+    def fill(ctx, **params):
+        pool = ChunkPool(ctx.pool)
+        index, count = ctx.shard
+        found = pool.scan()
+        listed = []
+        for part in range(4):
+            key = f"{ctx.key[:8]}-{part}"
+            if key not in found and part % count == index:
+                found[key] = pool.put(key, str(part * params["factor"]).encode())
+            if key in found:
+                listed.append(found[key])
+        ctx.resumed = len(found) > 0 and count == 1
+        if count == 1:
+            write_chunk_list(ctx.out, listed, count=len(listed))
+
+    parts = Stage("parts", fill, params={"factor": 3}, shardable=True)
+    after = Stage("after", lambda ctx, parts: (ctx.out / "n").write_text(str(len(parts.chunks()))),
+                  inputs={"parts": "parts"})
+    with caplog.at_level("INFO"):
+        for index in range(2):
+            runner = Runner(tmp_path)
+            results = runner.run([parts, after], targets=("parts",), shard=(index, 2))
+            assert results["parts"].path is None and runner.reports[0].shard == (index, 2)
+    assert "shard 1/2" in caplog.text and not (tmp_path / "parts" / results["parts"].fingerprint).exists()
+    with pytest.raises(ValueError, match="needs all of"):
+        Runner(tmp_path).run([parts, after], shard=(0, 2))
+    whole = Runner(tmp_path)
+    results = whole.run([parts, after])
+    assert [r.status for r in whole.reports] == ["resumed", "ran"]
+    assert sorted(ChunkPool(results["parts"].pool).read(c).decode() for c in results["parts"].chunks()) == \
+        ["0", "3", "6", "9"]
+    assert (results["after"].path / "n").read_text() == "4"
+    again = Runner(tmp_path)
+    again.run([parts], shard=(1, 2))
+    assert again.reports[0].status == "reused"  # a sealed entry serves the shards too

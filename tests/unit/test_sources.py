@@ -6,7 +6,17 @@ import pyarrow as pa
 import pytest
 
 from pipeline.errors import ImageReadError, UserError
-from pipeline.sources.folder import FolderSource, read_file
+from pipeline.sources import Location
+from pipeline.sources.folder import DEFAULT_EXTENSIONS, FolderSource, read_file
+
+
+def _at(path, **kw) -> Location:
+    """A local dataset's location (remote-read settings are unused for local files)."""
+    return Location(str(path), retries=0, timeout=5.0, **kw)
+
+
+def _folder(path, extensions=DEFAULT_EXTENSIONS) -> FolderSource:
+    return FolderSource(_at(path), extensions=extensions)
 
 
 def _touch(path, data=b"x"):
@@ -25,12 +35,12 @@ def _paths(source) -> list[str]:
 def test_recursive_sorted_case_insensitive(tmp_path):
     for rel in ["b.JPG", "a/c.png", "a/b/d.WebP", "notes.txt", "a/e.jpeg", "z.gif", "noext", "a-b.jpg", "a.png"]:
         _touch(tmp_path / rel, b"12345")
-    records = _records(FolderSource(tmp_path))
+    records = _records(_folder(tmp_path))
     paths = [r["path"] for r in records]
     assert paths == [b"a-b.jpg", b"a.png", b"a/b/d.WebP", b"a/c.png", b"a/e.jpeg", b"b.JPG", b"z.gif"]
     assert paths == sorted(paths)  # bytewise order of the full path, although the walk goes folder by folder
     assert all(r["size"] == 5 and int(r["version"]) > 0 for r in records)
-    assert _paths(FolderSource(tmp_path, ["png"])) == ["a.png", "a/c.png"]
+    assert _paths(_folder(tmp_path, ["png"])) == ["a.png", "a/c.png"]
 
 
 def test_listing_streams_in_batches(tmp_path, monkeypatch):
@@ -40,7 +50,7 @@ def test_listing_streams_in_batches(tmp_path, monkeypatch):
     monkeypatch.setattr(sources.batches_of, "__defaults__", (3,))
     for i in range(8):
         _touch(tmp_path / f"d{i % 2}" / f"{i}.jpg")
-    batches = list(FolderSource(tmp_path).records())
+    batches = list(_folder(tmp_path).records())
     assert [b.num_rows for b in batches] == [3, 3, 2]
 
 
@@ -52,25 +62,25 @@ def test_symlinks_followed_once_and_loops_not_followed(tmp_path):
     os.symlink(outside, data / "ext")  # a folder outside the dataset: followed
     os.symlink(data / "sub" / "x.jpg", data / "alias.jpg")  # a file link: its own entry
     os.symlink(tmp_path / "missing.jpg", data / "dangling.jpg")
-    records = {r["path"].decode(): r for r in _records(FolderSource(data))}
+    records = {r["path"].decode(): r for r in _records(_folder(data))}
     assert sorted(records) == ["alias.jpg", "dangling.jpg", "ext/o.jpg", "sub/x.jpg"]
     assert records["dangling.jpg"]["size"] == -1  # kept, so reading reports it instead of dropping it
 
 
 def test_single_file_and_missing_dataset(tmp_path):
     _touch(tmp_path / "one.png")
-    source = FolderSource(tmp_path / "one.png")
+    source = FolderSource(_at(tmp_path / "one.png", single_image=True))
     assert _paths(source) == ["one.png"] and source.root == tmp_path
     with pytest.raises(UserError, match="does not exist"):
-        FolderSource(tmp_path / "nope")
+        _folder(tmp_path / "nope")
 
 
 def test_touching_a_file_changes_its_record(tmp_path):
     _touch(tmp_path / "a.jpg")
-    before = _records(FolderSource(tmp_path))
+    before = _records(_folder(tmp_path))
     st = (tmp_path / "a.jpg").stat()
     os.utime(tmp_path / "a.jpg", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
-    assert _records(FolderSource(tmp_path))[0]["version"] != before[0]["version"]
+    assert _records(_folder(tmp_path))[0]["version"] != before[0]["version"]
 
 
 def test_read_errors_say_whether_a_retry_can_help(tmp_path):
@@ -114,7 +124,7 @@ def test_manifest_formats_sorted_records_and_truth(tmp_path, suffix):
         table.to_json(manifest, orient="records", lines=True)
     else:
         table.to_csv(manifest, sep="\t" if suffix == ".tsv" else ",", index=False)
-    source = ManifestSource(str(manifest))
+    source = ManifestSource(_at(manifest), path_column="path", truth_column="label")
     records = {r["path"].decode(): r for r in _records(source)}
     keys = list(records)
     assert keys == sorted(keys, key=str.encode) and set(keys) == set(table["path"])
@@ -156,13 +166,13 @@ def test_tar_members_grouped_by_key_with_truth(tmp_path):
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     for member, truths in (("cls", ["7", None]), ("txt", [None, "a dog"]), ("json.meta.label", ["cat", None])):
-        source = TarSource(str(tmp_path / "s.tar"), ["jpg", "png"], truth_member=member)
+        source = TarSource(_at(tmp_path / "s.tar"), ["jpg", "png"], truth_member=member)
         got = list(source.members(b"s.tar"))
         assert [(m.name, m.data, m.truth) for m in got] == [("a/x.jpg", b"img1", truths[0]),
                                                             ("y.seg.png", b"img2", truths[1])]
     data = (tmp_path / "s.tar").read_bytes()
     (tmp_path / "s.tar").write_bytes(data[:700])
-    source = TarSource(str(tmp_path / "s.tar"), ["jpg", "png"])
+    source = TarSource(_at(tmp_path / "s.tar"), ["jpg", "png"])
     with pytest.raises(ImageReadError) as info:
         list(source.members(b"s.tar"))
     assert info.value.kind == "TruncatedTar" and not info.value.transient
@@ -197,9 +207,34 @@ def test_a_manifest_without_truth_is_not_read_for_it(tmp_path):
     from pipeline.sources.manifest import ManifestSource
 
     pq.write_table(pa.table({"path": ["b.jpg", "a.jpg"]}), tmp_path / "plain.parquet")
-    plain = ManifestSource(str(tmp_path / "plain.parquet"))
+    plain = ManifestSource(_at(tmp_path / "plain.parquet"), path_column="path", truth_column="label")
     assert plain.truth() is None and plain._table is None
     pq.write_table(pa.table({"path": ["b.jpg", "a.jpg"], "label": ["dog", "cat"]}), tmp_path / "labelled.parquet")
-    truth = ManifestSource(str(tmp_path / "labelled.parquet")).truth()
+    truth = ManifestSource(_at(tmp_path / "labelled.parquet"), path_column="path",
+                           truth_column="label").truth()
     assert sorted(zip(truth.column("path").to_pylist(), truth.column("truth").to_pylist())) == \
         [("a.jpg", "cat"), ("b.jpg", "dog")]
+
+
+def test_a_source_opened_without_a_setting_refuses_the_work_that_needs_it(tmp_path):
+    """A stage opens its source from the params it hashes: a setting it did not hash is not there to be read."""
+    from pipeline.sources import READING, RECORDS, TAR, DatasetSettings, SourceProvider
+    from pipeline.sources.tars import TarSource
+
+    _touch(tmp_path / "a.jpg")
+    with pytest.raises(ValueError, match="opened without 'extensions'"):
+        list(FolderSource(_at(tmp_path)).records())
+    import tarfile
+
+    with tarfile.open(tmp_path / "s.tar", "w") as tar:
+        tar.add(tmp_path / "a.jpg", "a.jpg")
+    with pytest.raises(ValueError, match="opened without 'extensions'"):
+        list(TarSource(_at(tmp_path / "s.tar")).members(b"s.tar"))
+    settings = DatasetSettings(TAR, {"extensions": ["jpg"], "path_column": "path", "truth_column": "label",
+                                     "truth_member": "cls"})
+    assert settings.params(RECORDS) == {"format": "tar"}
+    assert settings.params(READING) == {"format": "tar", "extensions": ["jpg"], "truth_member": "cls"}
+    provider = SourceProvider(_at(tmp_path / "s.tar"))
+    reading = provider.open(settings.params(READING))
+    assert [m.name for m in reading.members(b"s.tar")] == ["a.jpg"] and reading is provider.open(
+        settings.params(READING))

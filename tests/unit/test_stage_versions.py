@@ -1,12 +1,22 @@
 """A code change can never pass as current: changing what decides a stage's output fails here until the stage's
-VERSION is bumped (and recorded), so old cache entries are never served for new code."""
+VERSION is bumped (and recorded), so old cache entries are never served for new code. What a stage's code is comes
+from the import graph (tests/helpers/stage_code.py), not from a list someone keeps."""
 
 import inspect
 
 import pytest
 
+import pipeline.devices
 import pipeline.imaging
+import pipeline.inference
 from tests.helpers import stage_code
+
+
+def _flagged(module, old: str, new: str) -> set[str]:
+    source = inspect.getsource(module)
+    changed = source.replace(old, new)
+    assert changed != source, f"{old!r} is not in {module.__name__}"
+    return {problem.split(":")[0] for problem in stage_code.stale({module.__name__: changed})}
 
 
 def test_every_stage_version_matches_its_code():
@@ -14,14 +24,31 @@ def test_every_stage_version_matches_its_code():
 
 
 def test_a_change_to_preprocessing_makes_image_embeddings_stale():
-    source = inspect.getsource(pipeline.imaging)
-    changed = source.replace("img = img.resize(target, resample=spec.resample)",
-                             "img = img.resize(target, resample=Image.Resampling.NEAREST)")
-    assert changed != source
-    problems = sorted(stage_code.stale({"pipeline.imaging": changed}))
+    flagged = _flagged(pipeline.imaging, "img = img.resize(target, resample=spec.resample)",
+                       "img = img.resize(target, resample=Image.Resampling.NEAREST)")
     # both stages that preprocess images: the calibration images of int8 exports, and the embeddings
-    assert [p.split(":")[0] for p in problems] == ["calibration", "encode_images"]
-    assert "bump VERSION in pipeline/stages/encode_images.py" in problems[1]
+    assert {"calibration", "encode_images"} <= flagged
+
+
+def test_a_change_to_the_torch_towers_makes_every_stage_that_runs_them_stale():
+    flagged = _flagged(pipeline.inference, "return self.model.get_image_features(**inputs).pooler_output",
+                       "return self.model.get_image_features(**inputs).pooler_output * 2")
+    # reached through ctx.execution.models, not imported by the stage modules themselves
+    assert {"encode_images", "encode_labels", "export_towers"} <= flagged
+
+
+def test_a_change_to_the_dtype_table_makes_every_stage_that_runs_a_model_stale():
+    flagged = _flagged(pipeline.devices, '"int8": torch.float32}', '"int8": torch.bfloat16}')
+    assert {"encode_images", "encode_labels", "export_towers", "calibration"} <= flagged
+
+
+def test_a_stage_code_is_its_import_closure():
+    modules = stage_code.stage_modules("encode_images")
+    for name in ("pipeline.stages.encode_images", "pipeline.encoding.loop", "pipeline.encoding.decode",
+                 "pipeline.inference", "pipeline.devices", "pipeline.imaging", "pipeline.sources.tars",
+                 "pipeline.engine.files"):
+        assert name in modules
+    assert "pipeline.workflow" not in modules and "pipeline.outputs.report_html" not in modules
 
 
 def test_comments_and_docstrings_change_nothing():
