@@ -12,7 +12,7 @@ sq = '$(subst ','\'',$(1))'
 flag = $(if $(2),$(1) $(call sq,$(2)))
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-fast reliability bench scale classify precision report clean
+.PHONY: help install demo test test-fast reliability bench scale fewshot classify precision report clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  %-12s %s\n", $$1, $$2}'
@@ -48,6 +48,9 @@ bench: $(STAMP) ## Benchmark: ours vs ceiling vs HF pipeline vs hardware limit, 
 scale: $(STAMP) ## Memory, time and bytes read at 100k, 1M and 10M images (about 30 min on 2 cores)
 	$(PY) jobs/scale.py $(ARGS)
 
+fewshot: $(STAMP) ## Top-1 and calibration with 1-16 examples per label on the fixtures (about 5 min on 2 cores)
+	$(PY) -m tests.helpers.fewshot_figures $(ARGS)
+
 # NPROC=n: n data-parallel processes through torchrun (one per device); all ranks share one run directory.
 ifdef NPROC
 LAUNCH = $(PY) -m torch.distributed.run --standalone --nproc_per_node $(NPROC)
@@ -56,12 +59,12 @@ else
 LAUNCH = $(PY)
 endif
 
-classify: $(STAMP) ## make classify DATASET=dir|IMAGE=file MODEL=dir [LABELS=file|LABEL_LIST="a,b"] [TEMPLATE=..] [OUT=dir] [DEVICE=..] [DTYPE=..] [RUNTIME=..] [BATCH=n] [TOPK=n] [CACHE=dir] [EMBEDDINGS=1] [NPROC=n] [ARGS=..]
+classify: $(STAMP) ## make classify DATASET=dir|IMAGE=file MODEL=dir [LABELS=file|LABEL_LIST="a,b"] [TEMPLATE=..] [EXAMPLES=dir|table] [OUT=dir] [DEVICE=..] [DTYPE=..] [RUNTIME=..] [BATCH=n] [TOPK=n] [CACHE=dir] [EMBEDDINGS=1] [NPROC=n] [ARGS=..]
 	$(LAUNCH) jobs/classify.py \
 	  $(call flag,--dataset_path,$(DATASET)) $(call flag,--input_image,$(IMAGE)) \
 	  $(call flag,--model_path,$(MODEL)) $(call flag,--label_file,$(LABELS)) \
 	  $(call flag,--label_list,$(LABEL_LIST)) $(call flag,--input_text,$(TEMPLATE)) \
-	  $(call flag,--results_save_path,$(OUT)) $(call flag,--device,$(DEVICE)) \
+	  $(call flag,--examples,$(EXAMPLES)) $(call flag,--results_save_path,$(OUT)) $(call flag,--device,$(DEVICE)) \
 	  $(call flag,--dtype,$(DTYPE)) $(call flag,--runtime,$(RUNTIME)) $(call flag,--batch_size,$(BATCH)) \
 	  $(call flag,--topk,$(TOPK)) $(call flag,--cache_dir,$(CACHE)) $(if $(EMBEDDINGS),embeddings=true) $(ARGS)
 

@@ -92,6 +92,9 @@ class LabelsConfig:
     file: Optional[str] = _key(INPUT)  # UTF-8, one label per line, '#' comments
     template: str = _key(RESULT, "a photo of a _.")  # exactly one '_' marks the label; '_' alone: bare label
     templates: Optional[List[str]] = _key(RESULT)  # a prompt ensemble; when set, it replaces `template`
+    # A few images per label: a folder with a subfolder per label (its name or display name), or a table with
+    # columns path,label (csv, tsv, parquet, jsonl; paths relative to the table, or keys of the dataset's images).
+    examples: Optional[str] = _key(INPUT)
 
 
 @dataclass
@@ -151,6 +154,16 @@ class PreprocessConfig:
     timeout: float = _key(EXECUTION, 60.0)
 
 
+class Adapter(enum.Enum):
+    """How examples (labels.examples) change the classifier; see pipeline/fewshot.py."""
+
+    auto = "auto"  # chosen by cross-validation on the examples (none without examples)
+    none = "none"  # zero-shot
+    tip = "tip"  # Tip-Adapter's cache of the examples
+    gda = "gda"  # Gaussian discriminant analysis on the examples, added to the text's logits
+    clap = "clap"  # a linear head trained on the examples, held close to the text's
+
+
 class Mode(enum.Enum):
     single = "single"  # one label per image (softmax or sigmoid scores)
     multilabel = "multilabel"  # every label scoring classify.threshold or more (sigmoid families)
@@ -162,7 +175,13 @@ class ClassifyConfig:
     threshold: float = _key(RESULT, 0.5)  # multilabel: the score a label needs
     topk: int = _key(RESULT, 5)
     min_score: Optional[float] = _key(RESULT)  # best score below this: label `unknown_label` (scores still written)
+    # Or the precision the examples must reach: the run picks the min_score at which they do (needs examples).
+    target_precision: Optional[float] = _key(RESULT)
     unknown_label: str = _key(RESULT, "unknown")
+    adapter: Adapter = _key(RESULT, Adapter.auto)
+    # With examples: a temperature for single-label scores, a threshold per label for multi-label ones.
+    calibrate: bool = _key(RESULT, True)
+    review_size: int = _key(RESULT, 1000)  # rows of review.parquet: the images a person should look at first
 
 
 @dataclass
@@ -240,6 +259,7 @@ FLAG_OVERRIDES = {
     "--input_text": ("labels.template",),
     "--label_list": ("labels.list", "labels.name=custom"),
     "--label_file": ("labels.file", "labels.name=custom"),
+    "--examples": ("labels.examples",),
     "--input_image": ("dataset.image", "dataset=custom"),
     "--dataset_path": ("dataset.path", "dataset=custom"),
     "--warmup_image_path": ("encode.warmup_image",),

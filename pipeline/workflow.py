@@ -27,10 +27,12 @@ from .inference import EXPORTED, resolve_runtime
 from .labels import LabelSet, build_label_set, check_language
 from .models import LoadedModel, ModelProvider, inspect_model_dir, preprocessor_of
 from .outputs.writers import read_metadata
-from .sources import READING, RECORDS, TRUTH, DatasetSettings, Location, SourceProvider, resolve_format
+from .sources import (DATASET, EXAMPLES, READING, RECORDS, TRUTH, DatasetSettings, Location, SourceProvider,
+                      resolve_format, source_class)
+from .sources.examples import example_settings, label_indices, list_examples, listing_params
 from .sources.folder import extension_names
-from .stages import (calibration, classify, discover, encode_images, encode_labels, export_towers, publish, report,
-                     truth)
+from .stages import (calibration, classify, discover, discover_examples, encode_images, encode_labels, export_towers,
+                     fit_classifier, publish, report, truth)
 from .stages.execution import Execution, default_batch_size
 
 log = logging.getLogger(__name__)
@@ -133,6 +135,7 @@ def build(cfg: DictConfig, preloaded: LoadedModel | None = None, local_rank: int
     info = _model_info(cfg)
     check_language(label_set, info.takes_chinese, cfg.model.path, info.model_type)
     sources, dataset = _dataset(cfg)
+    examples = _examples(cfg, sources, dataset, label_set)
     truth_mode, truth_file = _truth_source(cfg)
     if cfg.encode.warmup_image and not Path(cfg.encode.warmup_image).is_file():
         raise UserError(f"warm-up image not found: '{cfg.encode.warmup_image}' (encode.warmup_image)")
@@ -155,7 +158,8 @@ def build(cfg: DictConfig, preloaded: LoadedModel | None = None, local_rank: int
         truth_file=truth_file, progress=cfg.progress and shows_progress, progress_interval=cfg.progress_interval,
         pad_to=batch if choice.is_accelerator else None,
         counters=counters)
-    stages = _stages(cfg, execution, dataset, label_set, cfg.model.name or info.name, model_fp, truth_mode, out_dir)
+    stages = _stages(cfg, execution, dataset, examples, label_set, cfg.model.name or info.name, model_fp, truth_mode,
+                     out_dir)
     return Pipeline(stages, execution, label_set, out_dir, cache_dir)
 
 
@@ -179,8 +183,8 @@ def _model_info(cfg: DictConfig):
     return inspect_model_dir(cfg.model.path, cfg.model.allow_pickle)
 
 
-def _stages(cfg: DictConfig, execution: Execution, dataset: DatasetSettings, label_set: LabelSet, model_name: str,
-            model_fp: str, truth_mode: str, out_dir: Path) -> list[Stage]:
+def _stages(cfg: DictConfig, execution: Execution, dataset: DatasetSettings, examples: DatasetSettings | None,
+            label_set: LabelSet, model_name: str, model_fp: str, truth_mode: str, out_dir: Path) -> list[Stage]:
     """The DAG; each stage's params are exactly the config that decides its output."""
     dtype = execution.device.dtype_name
     info = execution.models.info
@@ -198,6 +202,8 @@ def _stages(cfg: DictConfig, execution: Execution, dataset: DatasetSettings, lab
     listed = execution.sources.open(dataset.params(RECORDS))
     metadata = _metadata(cfg, execution, label_set, model_name, model_fp, preprocessor.params, draft,
                          towers[-1].params["runtime"] if towers else "torch", listed.describe())
+    adapted = _example_stages(cfg, examples, label_set, source_class(dataset.format).kind, model_fp, dtype,
+                              {**image_params, "source": examples.params(READING)} if examples else {}, uses)
     stages = [
         Stage("discover", discover.discover, version=discover.VERSION, kind=CONTENT,
               params={"source": dataset.params(RECORDS)}),
@@ -211,12 +217,14 @@ def _stages(cfg: DictConfig, execution: Execution, dataset: DatasetSettings, lab
         Stage("truth", truth.load_truth, inputs={"records": "discover"}, version=truth.VERSION, kind=CONTENT,
               params={"source": dataset.params(TRUTH), "mode": truth_mode, "column": cfg.dataset.truth_column,
                       "labels": labels}),
+        *adapted,
         Stage("classify", classify.classify, version=classify.VERSION, kind=CACHED,
-              inputs={"truth": "truth", "label_embeddings": "encode_labels", "image_embeddings": "encode_images"},
+              inputs={"truth": "truth", "label_embeddings": "encode_labels", "image_embeddings": "encode_images",
+                      **({"classifier": "fit_classifier"} if adapted else {})},
               params={"labels": labels, "topk": cfg.classify.topk, "min_score": cfg.classify.min_score,
                       "unknown_label": cfg.classify.unknown_label, "metadata": metadata,
                       "embeddings": cfg.embeddings, "mode": cfg.classify.mode.value,
-                      "threshold": cfg.classify.threshold}),
+                      "threshold": cfg.classify.threshold, "review_size": cfg.classify.review_size}),
         Stage("publish", publish.publish, inputs={"results": "classify"}, params={"out_dir": str(out_dir)},
               version=publish.VERSION, kind=SINK),
     ]
@@ -226,6 +234,29 @@ def _stages(cfg: DictConfig, execution: Execution, dataset: DatasetSettings, lab
                             params={"out_dir": str(out_dir), "dataset_root": str(root) if root else None},
                             kind=SINK))
     return stages
+
+
+def _example_stages(cfg: DictConfig, examples: DatasetSettings | None, label_set: LabelSet, dataset_kind: str,
+                    model_fp: str, dtype: str, image_params: dict, uses: dict) -> list[Stage]:
+    """The examples' stages (none without labels.examples): listed, encoded through the same code and cache as
+    the dataset's images (one image per chunk: adding five encodes five), and the classifier fitted on them."""
+    if examples is None:
+        return []
+    return [
+        Stage("discover_examples", discover_examples.discover_examples, inputs={"dataset_records": "discover"},
+              version=discover_examples.VERSION, kind=CONTENT,
+              params={"source": listing_params(examples), "labels": list(label_set.labels),
+                      "texts": list(label_set.texts), "dataset_kind": dataset_kind}),
+        Stage("encode_examples", encode_images.encode_images, inputs={"records": "discover_examples", **uses},
+              version=encode_images.VERSION, kind=CACHED,
+              params={"model": model_fp, "dtype": dtype, **image_params, "chunk_images": 1}),
+        Stage("fit_classifier", fit_classifier.fit_classifier, version=fit_classifier.VERSION, kind=CACHED,
+              inputs={"examples": "discover_examples", "encoded_examples": "encode_examples",
+                      "image_embeddings": "encode_images", "label_embeddings": "encode_labels"},
+              params={"adapter": cfg.classify.adapter.value, "calibrate": cfg.classify.calibrate,
+                      "target_precision": cfg.classify.target_precision, "mode": cfg.classify.mode.value,
+                      "threshold": cfg.classify.threshold}),
+    ]
 
 
 def _metadata(cfg: DictConfig, execution: Execution, label_set: LabelSet, model_name: str, model_fp: str,
@@ -328,9 +359,63 @@ def _dataset(cfg: DictConfig) -> tuple[SourceProvider, DatasetSettings]:
     values = {"extensions": extension_names(data.extensions), "path_column": data.path_column,
               "truth_column": data.truth_column, "truth_member": data.truth_member}
     dataset = DatasetSettings(resolve_format(location, data.format.value, values["extensions"]), values)
-    sources = SourceProvider(location)
+    sources = SourceProvider({DATASET: location})
     sources.open(dataset.params(RECORDS))
     return sources, dataset
+
+
+def _examples(cfg: DictConfig, sources: SourceProvider, dataset: DatasetSettings,
+              label_set: LabelSet) -> DatasetSettings | None:
+    """The examples' settings (None without labels.examples), checked against the label set and the options
+    before any image is read."""
+    classify_cfg, adapter = cfg.classify, cfg.classify.adapter.value
+    _check_adapter_options(cfg, adapter)
+    if not cfg.labels.examples:
+        return None
+    data = cfg.dataset
+    location = Location(str(cfg.labels.examples), retries=data.retries, timeout=data.io_timeout,
+                        storage_options=_plain(data.storage_options))
+    if "://" not in location.path and not Path(location.path).exists():
+        raise UserError(f"examples not found: '{location.path}' (labels.examples / EXAMPLES=)")
+    sources.locations[EXAMPLES] = location
+    settings = example_settings(location, dataset.values["extensions"])
+    listed = list_examples(sources.open(listing_params(settings)))
+    if not listed.keys:
+        raise UserError(f"no examples in '{location.path}' (labels.examples): give a subfolder of images per label, "
+                        "or a path,label table")
+    indices = label_indices(listed.names, label_set.labels, label_set.texts)
+    if classify_cfg.mode.value == "single" and any(len(row) > 1 for row in indices):
+        several = [key for key, row in zip(listed.keys, indices) if len(row) > 1]
+        raise UserError(f"labels.examples gives {len(several)} examples several labels ({', '.join(several[:3])}); "
+                        "in single-label mode each example has one (or use classify.mode=multilabel)")
+    counts = Counter(i for row in indices for i in row)
+    missing = [label for i, label in enumerate(label_set.labels) if not counts[i]]
+    if missing and adapter != "none":
+        raise UserError(f"labels.examples has no example of {len(missing)} labels ({', '.join(missing[:10])}); "
+                        "give every label at least one, or classify.adapter=none to keep zero-shot")
+    log.info("examples: %d in %s, %d to %d per label", len(listed.keys), location.path, min(counts.values()),
+             max(counts.values()))
+    return settings
+
+
+def _check_adapter_options(cfg: DictConfig, adapter: str) -> None:
+    classify_cfg, given = cfg.classify, bool(cfg.labels.examples)
+    if classify_cfg.target_precision is not None:
+        if not given:
+            raise UserError("classify.target_precision needs examples to measure precision on: set EXAMPLES= "
+                            "(labels.examples), or give classify.min_score instead")
+        if classify_cfg.min_score is not None:
+            raise UserError("classify.target_precision and classify.min_score both set: give one (the first "
+                            "chooses the second on the examples)")
+        if not 0 < classify_cfg.target_precision <= 1:
+            raise UserError(f"classify.target_precision={classify_cfg.target_precision} must lie in (0, 1]")
+    if adapter not in ("auto", "none") and not given:
+        raise UserError(f"classify.adapter={adapter} fits a classifier on examples: set EXAMPLES= (labels.examples)")
+    if adapter not in ("auto", "none") and classify_cfg.mode.value == "multilabel":
+        raise UserError(f"classify.adapter={adapter} fits one label per image; in multi-label mode examples fit a "
+                        "threshold per label instead: use classify.adapter=auto or none")
+    if classify_cfg.review_size < 0:
+        raise UserError(f"classify.review_size={classify_cfg.review_size} must be 0 or more")
 
 
 def bytes_read() -> int | None:
@@ -374,8 +459,8 @@ def run(cfg: DictConfig, preloaded: LoadedModel | None = None) -> RunSummary:
         execution.models.release()
     counts = classify.read_counts(results["classify"])
     if counts["discovered"] == 0:
-        log.warning("no images found in %s (extensions: %s); outputs are empty", execution.sources.location.path,
-                    ", ".join(cfg.dataset.extensions))
+        log.warning("no images found in %s (extensions: %s); outputs are empty",
+                    execution.sources.locations[DATASET].path, ", ".join(cfg.dataset.extensions))
     if counts.get("metrics"):
         log.info("against ground truth: %s (metrics.parquet, confusion.parquet)", counts["metrics"])
     read_after = bytes_read()

@@ -76,18 +76,22 @@ class Decisions:
 
 
 def decide(probs: np.ndarray, labels: Sequence[str], topk: int, min_score: float | None = None,
-           unknown_label: str = "unknown", threshold: float | None = None) -> Decisions:
-    """Single-label decisions; with `threshold` (multi-label mode) also each image's labels scoring at or above
-    it, and `unknown` where none does (unless `min_score` decides that)."""
-    decided = _single(probs, labels, topk, threshold if threshold is not None and min_score is None else min_score,
-                      unknown_label)
+           unknown_label: str = "unknown", threshold: float | np.ndarray | None = None) -> Decisions:
+    """Single-label decisions; with `threshold` (multi-label mode: one score, or one per label) also each image's
+    labels scoring at or above it, and `unknown` where none does (unless `min_score` decides that)."""
+    decided = _single(probs, labels, topk, min_score, unknown_label)
     if threshold is None:
         return decided
     names = np.asarray(labels, dtype=object)
+    passes = probs >= np.asarray(threshold, dtype=np.float32)
+    label_index, chosen = decided.label_index, decided.labels
+    if min_score is None:
+        nothing = ~passes.any(axis=1)
+        label_index = np.where(nothing, -1, label_index).astype(np.int32)
+        chosen = np.where(nothing, unknown_label, chosen)
     order = np.argsort(-probs, axis=1, kind="stable")
-    sets = [[str(names[j]) for j in row if p[j] >= threshold] for row, p in zip(order, probs)]
-    return Decisions(decided.label_index, decided.labels, decided.score, decided.topk_index, decided.topk_score,
-                     sets)
+    sets = [[str(names[j]) for j in row if ok[j]] for row, ok in zip(order, passes)]
+    return Decisions(label_index, chosen, decided.score, decided.topk_index, decided.topk_score, sets)
 
 
 def _single(probs: np.ndarray, labels: Sequence[str], topk: int, min_score: float | None,

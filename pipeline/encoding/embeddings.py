@@ -39,11 +39,49 @@ def write_chunk(pool: ChunkPool, key: str, rows: list[ImageRow], embeddings: lis
     return pool.put(key, sink.getvalue().to_pybytes(), final=not any(transient))
 
 
-def chunk_rows(pool: ChunkPool, chunk: ChunkFile) -> int:
-    """Rows of a chunk, from its footer (no full read)."""
+def chunk_summary(pool: ChunkPool, chunk: ChunkFile) -> tuple[int, bytes | None]:
+    """Rows of a chunk and the key of its first row, memory-mapped (the footer and one column's first value)."""
     with pa.memory_map(str(pool.path(chunk))) as source:
         reader = ipc.open_file(source)
-        return sum(reader.get_batch(i).num_rows for i in range(reader.num_record_batches))
+        batches = [reader.get_batch(i) for i in range(reader.num_record_batches)]
+        first = next((b.column(0)[0].as_py() for b in batches if b.num_rows), None)
+        return sum(b.num_rows for b in batches), first
+
+
+def lookup(artifact: Artifact, keys: list[bytes]) -> dict[bytes, pa.Table]:
+    """The rows of these keys (a few examples among the dataset's images), reading only the chunks that can hold
+    them, each verified: chunks are in key order, except that a tar file's members keep their stored order within
+    the chunks of that tar file (`<tar file>/<member>`)."""
+    firsts = [bytes.fromhex(key) for key in artifact.chunk_list()["first_keys"]]
+    chunks = artifact.chunks()
+    wanted: dict[int, set[bytes]] = {}
+    for key in keys:
+        for index in _candidates(firsts, key):
+            wanted.setdefault(index, set()).add(key)
+    found: dict[bytes, pa.Table] = {}
+    for index in sorted(wanted):
+        table = ipc.open_file(pa.py_buffer(artifact.read_chunk(chunks[index]))).read_all()
+        paths = table.column("path").to_pylist()
+        for row, path in enumerate(paths):
+            if path in wanted[index]:
+                found[path] = table.slice(row, 1)
+    return found
+
+
+def _candidates(firsts: list[bytes], key: bytes) -> range:
+    """The chunks that may hold `key`: the one whose range it falls in, and for a tar member every chunk of that
+    tar file (their first keys share its prefix)."""
+    import bisect
+
+    at = bisect.bisect_right(firsts, key) - 1
+    start = stop = max(at, 0)
+    stop = at + 1 if at >= 0 else 0
+    prefix = key.split(b"/", 1)[0] + b"/"
+    while start > 0 and firsts[start - 1].startswith(prefix):
+        start -= 1
+    while stop < len(firsts) and firsts[stop].startswith(prefix):
+        stop += 1
+    return range(start, stop)
 
 
 def iter_chunks(artifact: Artifact) -> Iterator[pa.Table]:

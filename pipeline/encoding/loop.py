@@ -43,7 +43,7 @@ def encode_groups(plan: Plan, pending: dict[int, int], pool: ChunkPool, executio
     def decoder(segment: dict[int, int], workers: int) -> Decoder:
         return Decoder(plan, segment, source, preprocessor, draft=params["draft"], max_pixels=params["max_pixels"],
                        timeout=execution.timeout, batch_size=execution.batch_size,
-                       chunk_size=execution.chunk_size, workers=workers)
+                       chunk_size=plan.chunk_size, workers=workers)
 
     pin = execution.device.is_accelerator
     with Progress("encode images", plan.images(pending), "img", execution.progress,

@@ -78,6 +78,7 @@ class Plan:
     kind: str
     identity: str
     records: Records
+    chunk_size: int  # mean images per planned chunk; a tar file's images fill chunks of exactly this many
     chunks: list[PlannedChunk] = field(default_factory=list)  # kind IMAGES: one group per planned chunk
     tars: list[tuple[bytes, int, str]] = field(default_factory=list)  # kind TARS: one group per tar file's record
 
@@ -106,10 +107,10 @@ def make_plan(records: Artifact, kind: str, chunk_size: int, identity: str, memo
         started = time.perf_counter()
         chunks = _memoised_chunks(listed, records.fingerprint, chunk_size, identity, memo)
         log.info("planned %d chunks in %.2fs", len(chunks), time.perf_counter() - started)
-        return Plan(kind, identity, listed, chunks=chunks)
+        return Plan(kind, identity, listed, chunk_size, chunks=chunks)
     table = listed.table()
     tars = list(zip(*(table.column(c).to_pylist() for c in ("path", "size", "version"))))
-    return Plan(kind, identity, listed, tars=tars)
+    return Plan(kind, identity, listed, chunk_size, tars=tars)
 
 
 def _memoised_chunks(records: Records, records_fp: str, chunk_size: int, identity: str,

@@ -160,10 +160,13 @@ class MetricsAccumulator:
             # Rank of the true label among all labels (ties broken as argsort does): top-5 without top-k limits.
             self.top5 += int((probs[row] > probs[row, k]).sum()) < 5
 
-    def metrics_table(self) -> pa.Table:
-        rows = [("overall", None, "images_with_truth", float(self.total)),
-                ("overall", None, "top1_accuracy", self.top1 / self.total),
-                ("overall", None, "top5_accuracy", self.top5 / self.total)]
+    def metrics_table(self, prefix: str = "") -> pa.Table:
+        """Scopes `overall` and `class`; with a `prefix` (`zero_shot_`), the same figures of another classifier
+        on the same images, beside the run's own."""
+        overall, per_class = prefix + "overall", prefix + "class"
+        rows = [(overall, None, "images_with_truth", float(self.total)),
+                (overall, None, "top1_accuracy", self.top1 / self.total),
+                (overall, None, "top5_accuracy", self.top5 / self.total)]
         recall = recall_by_label(self.confusion)
         support, predicted = Counter(), Counter()
         for (truth, pred), count in self.confusion.items():
@@ -172,12 +175,12 @@ class MetricsAccumulator:
         for label in self.labels:
             hits = self.confusion.get((label, label), 0)
             precision = hits / predicted[label] if predicted[label] else float("nan")
-            rows += [("class", label, "precision", precision),
-                     ("class", label, "recall", recall.get(label, float("nan"))),
-                     ("class", label, "support", float(support[label]))]
+            rows += [(per_class, label, "precision", precision),
+                     (per_class, label, "recall", recall.get(label, float("nan"))),
+                     (per_class, label, "support", float(support[label]))]
         # Over the labels of the label set that have images (a true label outside the set has no recall row).
         recalls = [recall[label] for label in self.labels if label in recall]
-        rows.insert(3, ("overall", None, "mean_per_class_recall", float(np.mean(recalls)) if recalls else float("nan")))
+        rows.insert(3, (overall, None, "mean_per_class_recall", float(np.mean(recalls)) if recalls else float("nan")))
         return pa.Table.from_arrays([pa.array(col, t.type) for col, t in zip(zip(*rows), METRICS_SCHEMA)],
                                     schema=METRICS_SCHEMA)
 
@@ -201,10 +204,11 @@ class MultiLabelMetrics:
     histograms of the scores of positive and negative images, from which the average precision comes (ranking by
     score, ties within 1/AP_BINS); mAP is their mean over the labels that occur."""
 
-    def __init__(self, labels: Sequence[str], threshold: float) -> None:
+    def __init__(self, labels: Sequence[str], threshold: float | np.ndarray) -> None:
+        """`threshold`: one score for every label, or one per label (fitted on examples)."""
         self.labels = list(labels)
         self.index = {label: i for i, label in enumerate(self.labels)}
-        self.threshold = threshold
+        self.threshold = np.broadcast_to(np.asarray(threshold, np.float64), (len(self.labels),))
         size = len(self.labels)
         self.tp, self.fp, self.fn = (np.zeros(size, np.int64) for _ in range(3))
         self.positives = np.zeros((size, AP_BINS), np.int32)
@@ -244,7 +248,8 @@ class MultiLabelMetrics:
         precision = np.divide(tp, tp + fp, out=np.zeros_like(tp), where=(tp + fp) > 0)
         return float((precision * pos).sum() / pos.sum())
 
-    def metrics_table(self) -> pa.Table:
+    def metrics_table(self, prefix: str = "") -> pa.Table:
+        overall, per_class = prefix + "overall", prefix + "class"
         precision = np.divide(self.tp, self.tp + self.fp, out=np.full(len(self.labels), np.nan),
                               where=(self.tp + self.fp) > 0)
         recall = np.divide(self.tp, self.tp + self.fn, out=np.full(len(self.labels), np.nan),
@@ -254,24 +259,65 @@ class MultiLabelMetrics:
         ap = np.array([self.average_precision(j) for j in range(len(self.labels))])
         tp, fp, fn = self.tp.sum(), self.fp.sum(), self.fn.sum()
         present = ~np.isnan(ap)
-        rows = [("overall", None, "images_with_truth", float(self.total)),
-                ("overall", None, "threshold", float(self.threshold)),
-                ("overall", None, "micro_precision", tp / (tp + fp) if tp + fp else float("nan")),
-                ("overall", None, "micro_recall", tp / (tp + fn) if tp + fn else float("nan")),
-                ("overall", None, "micro_f1", 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else float("nan")),
-                ("overall", None, "macro_f1", float(np.nanmean(f1[present])) if present.any() else float("nan")),
-                ("overall", None, "mAP", float(ap[present].mean()) if present.any() else float("nan"))]
+        rows = [(overall, None, "images_with_truth", float(self.total)),
+                *([(overall, None, "threshold", float(self.threshold[0]))] if self._one_threshold else []),
+                (overall, None, "micro_precision", tp / (tp + fp) if tp + fp else float("nan")),
+                (overall, None, "micro_recall", tp / (tp + fn) if tp + fn else float("nan")),
+                (overall, None, "micro_f1", 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else float("nan")),
+                (overall, None, "macro_f1", float(np.nanmean(f1[present])) if present.any() else float("nan")),
+                (overall, None, "mAP", float(ap[present].mean()) if present.any() else float("nan"))]
         for j, label in enumerate(self.labels):
-            rows += [("class", label, "precision", float(precision[j])), ("class", label, "recall", float(recall[j])),
-                     ("class", label, "f1", float(f1[j])), ("class", label, "ap", float(ap[j])),
-                     ("class", label, "support", float(self.tp[j] + self.fn[j]))]
+            rows += [(per_class, label, "precision", float(precision[j])),
+                     (per_class, label, "recall", float(recall[j])), (per_class, label, "f1", float(f1[j])),
+                     (per_class, label, "ap", float(ap[j])),
+                     (per_class, label, "support", float(self.tp[j] + self.fn[j])),
+                     *([(per_class, label, "threshold", float(self.threshold[j]))] if not self._one_threshold else [])]
         return pa.Table.from_arrays([pa.array(col, t.type) for col, t in zip(zip(*rows), METRICS_SCHEMA)],
                                     schema=METRICS_SCHEMA)
+
+    @property
+    def _one_threshold(self) -> bool:
+        return bool(np.all(self.threshold == self.threshold[0]))
 
     def confusion_table(self) -> None:
         return None  # no single predicted label to cross with a single true one
 
     def headline(self) -> str:
         table = {r["metric"]: r["value"] for r in self.metrics_table().to_pylist() if r["scope"] == "overall"}
+        at = f"threshold {self.threshold[0]:g}" if self._one_threshold else "the thresholds fitted per label"
         return (f"mAP {table['mAP']:.3f}, micro F1 {table['micro_f1']:.3f}, macro F1 {table['macro_f1']:.3f} at "
-                f"threshold {self.threshold} on {self.total} images with truth")
+                f"{at} on {self.total} images with truth")
+
+
+RELIABILITY_SCHEMA = pa.schema([("scores", pa.string()), ("lower", pa.float64()), ("upper", pa.float64()),
+                                ("count", pa.int64()), ("confidence", pa.float64()), ("accuracy", pa.float64())])
+
+
+class ReliabilityAccumulator:
+    """How well top-1 scores match accuracy on the images with truth, as a stream: per bin of equal width, the
+    count, the summed score and the hits; the expected calibration error (Guo et al., 2017) from them."""
+
+    def __init__(self, bins: int = 10) -> None:
+        self.bins = bins
+        self.count = np.zeros(bins, np.int64)
+        self.confidence = np.zeros(bins, np.float64)
+        self.hits = np.zeros(bins, np.float64)
+
+    def add(self, confidence: np.ndarray, correct: np.ndarray) -> None:
+        index = np.clip(np.ceil(np.asarray(confidence, np.float64) * self.bins).astype(np.int64) - 1, 0,
+                        self.bins - 1)  # bin i holds (i/bins, (i+1)/bins], as pipeline.fewshot.reliability_bins
+        self.count += np.bincount(index, minlength=self.bins)
+        self.confidence += np.bincount(index, weights=confidence, minlength=self.bins)
+        self.hits += np.bincount(index, weights=np.asarray(correct, np.float64), minlength=self.bins)
+
+    def ece(self) -> float:
+        filled = self.count > 0
+        gaps = np.abs(self.hits[filled] - self.confidence[filled])  # count * |accuracy - mean confidence|
+        return float(gaps.sum() / self.count.sum()) if filled.any() else float("nan")
+
+    def rows(self, name: str) -> list[tuple]:
+        edges = np.linspace(0.0, 1.0, self.bins + 1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            confidence, accuracy = self.confidence / self.count, self.hits / self.count
+        return [(name, float(edges[i]), float(edges[i + 1]), int(self.count[i]), float(confidence[i]),
+                 float(accuracy[i])) for i in range(self.bins)]

@@ -98,6 +98,10 @@ def build_report(run_dir: Path, dataset_root: Path | None = None, *, thumbs_per_
     ]
     if confusion is not None:
         parts.append(_confusion(confusion))
+    choice = _read_choice(run_dir / "classifier.json")
+    if choice is not None or (run_dir / "calibration.parquet").is_file():
+        parts.append(_calibration(choice, _read_optional(run_dir / "calibration.parquet"), metrics))
+    parts.append(_review(_read_optional(run_dir / "review.parquet"), dataset_root))
     parts.append(_galleries(scan, counts, dataset_root, thumbs_per_label, metrics))
     parts.append(_errors(errors))
 
@@ -423,9 +427,10 @@ def _galleries(scan: Scan, counts: pd.Series, dataset_root: Path | None, per_lab
     return head + note + "\n".join(sections) + "\n</section>"
 
 
-def _thumbs(rows: list[tuple[str, float]], dataset_root: Path | None, kind: str) -> str:
+def _thumbs(rows: list[tuple[str, float]], dataset_root: Path | None, kind: str,
+            captions: list[str] | None = None) -> str:
     figs = []
-    for path, score in rows:
+    for number, (path, score) in enumerate(rows):
         data = _thumbnail(dataset_root / path) if dataset_root is not None else None
         epath = escape(str(path))
         if data is not None:
@@ -433,9 +438,86 @@ def _thumbs(rows: list[tuple[str, float]], dataset_root: Path | None, kind: str)
                    f'loading="lazy" decoding="async">')
         else:
             img = f'<div class="missing" title="{epath}">image unavailable<br>{epath}</div>'
+        extra = f"<br>{escape(captions[number])}" if captions else ""
         figs.append(f'<figure class="thumb">{img}<figcaption><span class="score">{score:.3f}</span> '
-                    f'{epath}</figcaption></figure>')
+                    f'{epath}{extra}</figcaption></figure>')
     return f'<div class="thumbs {kind}">{"".join(figs)}</div>'
+
+
+REVIEW_SHOWN = 24
+
+
+def _review(review: pd.DataFrame | None, dataset_root: Path | None) -> str:
+    head = '<section id="review">\n<h2>Review first</h2>\n'
+    if review is None or review.empty:
+        return head + '<p class="note">Nothing to review.</p>\n</section>'
+    shown = review.head(REVIEW_SHOWN)
+    captions = [f"{row.label}" + (f" / {row.runner_up} {row.runner_up_score:.3f}" if row.runner_up else "")
+                + f" · {row.reason}" + (f" · zero-shot: {row.zero_shot_label}" if row.reason == "disagree" else "")
+                for row in shown.itertuples()]
+    note = (f'<p class="note">The {len(shown)} images of review.parquet ({len(review):,} rows) a person should look '
+            'at first: where zero-shot and the adapted classifier disagree, then by the margin between the first two '
+            'labels (score, path, label / runner-up, reason). Correct the label column of review.parquet and give '
+            'it back as EXAMPLES= (labels.examples): the next run encodes no image of the dataset again.</p>\n')
+    rows = list(zip(shown["path"], shown["score"].astype(float)))
+    return head + note + _thumbs(rows, dataset_root, "review", captions) + "\n</section>"
+
+
+def _read_choice(path: Path) -> dict | None:
+    import json
+
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def _calibration(choice: dict | None, reliability: pd.DataFrame | None, metrics: pd.DataFrame | None) -> str:
+    head = '<section id="calibration">\n<h2>Classifier and calibration</h2>\n'
+    parts = []
+    if choice is not None:
+        settings = ", ".join(f"{k}={v:g}" for k, v in (choice.get("settings") or {}).items())
+        parts.append(f'<dl class="kv"><dt>classifier</dt><dd>{escape(choice["method"])}'
+                     f'{escape(f"({settings})" if settings else "")}</dd>'
+                     f'<dt>chosen by</dt><dd>{escape(choice.get("rule", ""))}</dd>'
+                     f'<dt>examples</dt><dd>{choice.get("used", 0)} used, {choice.get("failed", 0)} failed</dd>'
+                     f'<dt>temperature</dt><dd>{choice.get("temperature", 1.0):.3f}</dd></dl>')
+    if reliability is not None and not reliability.empty:
+        ece = {r.metric: r.value for r in metrics.itertuples() if r.scope == "calibration"} \
+            if metrics is not None else {}
+        parts.append(_reliability_svg({name: group for name, group in reliability.groupby("scores", sort=False)}))
+        parts.append(f'<p class="note">On the images with truth (examples left out): expected calibration error '
+                     f'{ece.get("ece_uncalibrated", float("nan")):.3f} before the temperature, '
+                     f'{ece.get("ece_calibrated", float("nan")):.3f} after.</p>')
+    elif choice is not None and choice.get("calibration_before"):
+        bins = {name: pd.DataFrame(choice[key]["bins"]) for name, key in
+                (("uncalibrated", "calibration_before"), ("calibrated", "calibration_after"))}
+        parts.append(_reliability_svg(bins))
+        parts.append(f'<p class="note">On the examples, each scored by a classifier fitted without it: expected '
+                     f'calibration error {choice["calibration_before"]["ece"]:.3f} before the temperature, '
+                     f'{choice["calibration_after"]["ece"]:.3f} after.</p>')
+    return head + "\n".join(parts) + "\n</section>"
+
+
+def _reliability_svg(bins: dict[str, pd.DataFrame]) -> str:
+    """A reliability diagram: accuracy against mean confidence per bin, one polyline per set of scores."""
+    size, pad = 260, 36
+    items = [f'<rect x="{pad}" y="10" width="{size}" height="{size}" fill="none" stroke="#888"/>',
+             f'<line x1="{pad}" y1="{10 + size}" x2="{pad + size}" y2="10" stroke="#bbb" stroke-dasharray="4 3"/>',
+             f'<text x="{pad + size / 2}" y="{size + 34}" text-anchor="middle" font-size="11">confidence</text>',
+             f'<text x="12" y="{10 + size / 2}" font-size="11" transform="rotate(-90 12 {10 + size / 2})" '
+             'text-anchor="middle">accuracy</text>']
+    colours = {"uncalibrated": "#c0392b", "calibrated": "#2e6fc9"}
+    for number, (name, table) in enumerate(bins.items()):
+        filled = table[table["count"] > 0]
+        points = " ".join(f"{pad + size * c:.1f},{10 + size * (1 - a):.1f}"
+                          for c, a in zip(filled["confidence"], filled["accuracy"]))
+        colour = colours.get(name, "#555")
+        items.append(f'<polyline class="{escape(name)}" points="{points}" fill="none" stroke="{colour}" '
+                     f'stroke-width="2"/>')
+        items.append(f'<text x="{pad + size + 8}" y="{24 + 16 * number}" font-size="11" fill="{colour}">'
+                     f'{escape(name)}</text>')
+    width, height = pad + size + 110, size + 44
+    return (f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
+            f'aria-label="reliability diagram">{"".join(items)}</svg>')
+
 
 
 def _thumbnail(path: Path) -> str | None:

@@ -43,6 +43,7 @@ def predictions_schema(metadata: dict[str, Any], multilabel: bool = False) -> pa
         pa.field("width", pa.int32(), nullable=False),
         pa.field("height", pa.int32(), nullable=False),
         pa.field("truth", pa.string(), nullable=True),  # ground truth when known (dataset.truth), else null
+        pa.field("is_example", pa.bool_(), nullable=False),  # one of labels.examples: left out of the metrics
     ]
     return pa.schema(fields, metadata={METADATA_KEY: json.dumps(metadata, ensure_ascii=False, sort_keys=True)})
 
@@ -66,7 +67,7 @@ class PredictionsWriter:
         self.rows = 0
 
     def write(self, paths: Sequence[str], decided: Decisions, probs: np.ndarray, sizes: np.ndarray,
-              truths: Sequence[str | None]) -> None:
+              truths: Sequence[str | None], is_example: np.ndarray) -> None:
         """One row group: `probs` is (n, L) float32; `sizes` is (n, 2) width, height."""
         n, num_labels = probs.shape
         k = decided.topk_index.shape[1]
@@ -84,6 +85,7 @@ class PredictionsWriter:
             pa.array(sizes[:, 0].astype(np.int32)),
             pa.array(sizes[:, 1].astype(np.int32)),
             pa.array(truths, pa.string()),
+            pa.array(is_example, pa.bool_()),
         ], schema=self.schema)
         self._writer.write_table(table)
         self.rows += n

@@ -68,6 +68,7 @@ FOLDER, MANIFEST, TAR, BUCKET = "folder", "manifest", "tar", "bucket"
 FORMATS = (FOLDER, MANIFEST, TAR, BUCKET)
 IMAGES, TARS = "images", "tars"  # a source's kind: a record per image, or a record per tar file
 RECORDS, READING, TRUTH = "records", "reading", "truth"  # what a stage does with a source (see SETTINGS)
+DATASET, EXAMPLES = "dataset", "examples"  # the inputs that are sets of images: dataset.*, labels.examples
 
 
 @dataclass(frozen=True)
@@ -84,18 +85,21 @@ class Location:
 
 @dataclass(frozen=True)
 class DatasetSettings:
-    """What the config says about the dataset that decides results: its format (resolved, never "auto") and the
-    dataset.* settings (extensions, path_column, truth_column, truth_member), each as it is hashed."""
+    """What the config says about a set of images that decides results: its format (resolved, never "auto") and
+    its settings (for the dataset: extensions, path_column, truth_column, truth_member), each as it is hashed.
+    `input` names which set it is: the dataset, or the examples (labels.examples)."""
 
     format: str
     values: dict[str, Any]
+    input: str = DATASET
 
     def params(self, use: str) -> dict[str, Any]:
         """The settings that decide what a stage gets from the source when it uses it for `use` (RECORDS:
         listing; READING: the bytes, and for tar files which members are images and their truth; TRUTH: the
         truth the source carries), with the format: what that stage hashes, and all it may open its source
         from."""
-        return {"format": self.format, **{name: self.values[name] for name in source_class(self.format).SETTINGS[use]}}
+        wanted = source_class(self.format).SETTINGS[use]
+        return {"input": self.input, "format": self.format, **{name: self.values[name] for name in wanted}}
 
 
 def source_class(format: str) -> type:
@@ -108,11 +112,11 @@ def source_class(format: str) -> type:
 
 
 class SourceProvider:
-    """Opens the dataset for a stage from the params that stage hashes, and from nothing else: a setting that
-    decides a result cannot reach a stage unhashed. Knows only the dataset's `Location`."""
+    """Opens a set of images for a stage from the params that stage hashes, and from nothing else: a setting that
+    decides a result cannot reach a stage unhashed. Knows only where each input is (its `Location`)."""
 
-    def __init__(self, location: Location) -> None:
-        self.location = location
+    def __init__(self, locations: dict[str, Location]) -> None:
+        self.locations = dict(locations)
         self._opened: dict[str, Source] = {}
 
     def open(self, params: dict[str, Any]) -> "Source":
@@ -122,12 +126,13 @@ class SourceProvider:
 
         key = json.dumps(params, sort_keys=True)
         if key not in self._opened:
-            settings = {name: value for name, value in params.items() if name != "format"}
-            self._opened[key] = source_class(params["format"])(self.location, **settings)
+            settings = {name: value for name, value in params.items() if name not in ("input", "format")}
+            location = self.locations[params["input"]]
+            self._opened[key] = source_class(params["format"])(location, **settings)
         return self._opened[key]
 
     def __getstate__(self) -> dict:  # to decode workers: reopened there, never a parent's open handles
-        return {"location": self.location, "_opened": {}}
+        return {"locations": self.locations, "_opened": {}}
 
 
 def resolve_format(location: Location, requested: str, extensions) -> str:

@@ -22,7 +22,7 @@ from ..sources import RECORDS_SCHEMA
 
 log = logging.getLogger(__name__)
 
-VERSION = 6
+VERSION = 7
 RECORDS_FILE = "records.arrow"
 
 
@@ -48,6 +48,7 @@ class Records:
         sizes = [self._reader.get_batch(i).num_rows for i in range(self._reader.num_record_batches)]
         self._starts = [0, *itertools.accumulate(sizes)]  # first row of each batch, then the count
         self.count = self._starts[-1]
+        self._firsts: list[tuple[bytes, int]] | None = None
 
     def batches(self) -> Iterator[pa.RecordBatch]:
         for i in range(self._reader.num_record_batches):
@@ -68,6 +69,18 @@ class Records:
     def paths(self, start: int = 0, stop: int | None = None) -> list[bytes]:
         stop = self.count if stop is None else stop
         return self.slice(start, stop).column("path").to_pylist()
+
+    def contains(self, path: bytes) -> bool:
+        """Whether a record has this path (records are in bytewise order of path): one batch read."""
+        if self._firsts is None:  # the first path of each non-empty batch, once
+            self._firsts = [(self._reader.get_batch(i).column(0)[0].as_py(), i)
+                            for i in range(self._reader.num_record_batches) if self._starts[i + 1] > self._starts[i]]
+        at = bisect.bisect_right(self._firsts, (path, float("inf"))) - 1
+        if at < 0:
+            return False
+        column = self._reader.get_batch(self._firsts[at][1]).column(0).to_pylist()
+        at = bisect.bisect_left(column, path)
+        return at < len(column) and column[at] == path
 
 
 def display_path(path: bytes) -> str:

@@ -14,7 +14,7 @@ import json
 import logging
 
 from ..engine import Artifact, ChunkFile, ChunkPool, Incomplete, StageContext, write_chunk_list
-from ..encoding.embeddings import chunk_rows
+from ..encoding.embeddings import chunk_summary
 from ..encoding.loop import encode_groups
 from ..encoding.plan import Plan, make_plan, shard_of
 from ..sources import IMAGES
@@ -22,20 +22,24 @@ from .execution import Execution
 
 log = logging.getLogger(__name__)
 
-VERSION = 5
+VERSION = 6
 
 
 def encode_images(ctx: StageContext, *, records: Artifact, source: dict, model: str, dtype: str, preprocess: dict,
-                  draft: bool, max_pixels: int, towers: Artifact | None = None) -> Incomplete | None:
-    """`source`: the settings that decide what reading the dataset gives (see pipeline.sources.DatasetSettings);
-    `towers`: an export_towers entry when the towers run on ONNX Runtime or OpenVINO, else torch runs them."""
+                  draft: bool, max_pixels: int, towers: Artifact | None = None,
+                  chunk_images: int | None = None) -> Incomplete | None:
+    """`source`: the settings that decide what reading the images gives (see pipeline.sources.DatasetSettings);
+    `towers`: an export_towers entry when the towers run on ONNX Runtime or OpenVINO, else torch runs them;
+    `chunk_images`: images per chunk where a set must not follow encode.chunk_size (examples: 1, so that adding
+    five encodes five, each alone whatever its neighbours)."""
     params = dict(model=model, dtype=dtype, preprocess=preprocess, draft=draft, max_pixels=max_pixels,
-                  **exported(towers))
+                  chunk_images=chunk_images, **exported(towers))
     listed = fill_chunks(ctx, records, ctx.execution.sources.open(source), params)
     if ctx.shard[1] > 1:
         return None  # this shard's part of the pool; a whole run lists and seals it
-    count = sum(chunk_rows(ChunkPool(ctx.pool), chunk) for chunk in listed)
-    write_chunk_list(ctx.out, listed, count=count)
+    summaries = [chunk_summary(ChunkPool(ctx.pool), chunk) for chunk in listed]
+    write_chunk_list(ctx.out, listed, count=sum(rows for rows, _ in summaries),
+                     first_keys=[(first or b"").hex() for _, first in summaries])
     retry = [c for c in listed if not c.final]
     if retry:
         return Incomplete(f"{len(retry)} chunk(s) hold images that failed for reasons outside their bytes")
@@ -57,7 +61,7 @@ def fill_chunks(ctx: StageContext, records: Artifact, source, params: dict) -> l
     pool = ChunkPool(ctx.pool)
     identity = ctx.key if not params.get("export_fingerprint") else \
         hashlib.sha256(f"{ctx.key}:{params['export_fingerprint']}".encode()).hexdigest()
-    plan = make_plan(records, source.kind, execution.chunk_size, identity, ctx.memo)
+    plan = make_plan(records, source.kind, params["chunk_images"] or execution.chunk_size, identity, ctx.memo)
     found = pool.scan()
     index, count = ctx.shard
     mine = [g for g in range(plan.groups) if shard_of(g, count) == index]

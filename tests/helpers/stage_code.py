@@ -27,7 +27,8 @@ RECORD = Path(__file__).resolve().parents[1] / "assets" / "stage_code.json"
 PACKAGE = "pipeline"
 PACKAGE_DIR = Path(__file__).resolve().parents[2] / PACKAGE
 # The stages whose outputs are stored in the cache (cached or content stages); sinks only copy them out.
-STAGES = ("discover", "calibration", "export_towers", "encode_labels", "encode_images", "truth", "classify")
+STAGES = ("discover", "calibration", "export_towers", "encode_labels", "encode_images", "truth", "discover_examples",
+          "fit_classifier", "classify")
 EXECUTION = f"{PACKAGE}.stages.execution"  # what the runner hands every stage as ctx.execution
 
 

@@ -68,6 +68,13 @@ def workspace(tmp_path_factory) -> Iterator[Path]:
     shutil.copytree(TINY_CLIP, ws / "models" / "clip-vit-large-patch14")
     shutil.copytree(TINY_CHINESE_CLIP, ws / "models" / "chinese-clip-vit-base-patch16")
     (ws / "labels.txt").write_text("\n".join(LABELS) + "\n", encoding="utf-8")
+    for number, label in enumerate(LABELS):  # examples/<label>/: three sample images each
+        (ws / "examples" / label).mkdir(parents=True)
+        for image in images[number * 3:number * 3 + 3]:
+            shutil.copy(image, ws / "examples" / label / image.name)
+    # a reviewed review.parquet: dataset keys, labels set by hand
+    pd.DataFrame({"path": [p.name for p in images[:9]], "label": [LABELS[i % 3] for i in range(9)]}) \
+        .to_csv(ws / "reviewed.csv", index=False)
     shutil.copy(sorted(SAMPLE_IMAGES.glob("*.jpg"))[0], ws / "cat.jpg")
     pd.DataFrame({"path": [f"photos/{p.name}" for p in images]}).to_csv(ws / "photos.csv", index=False)
     write_shards(ws / "shards", images, per_shard=8, truth={p.name: LABELS[i % 2] for i, p in enumerate(images)})
@@ -183,6 +190,18 @@ def _check(command: str, proc, ws: Path) -> None:
         _all_labelled(run_dir, ["cat", "dog"])
         assert read_metadata(run_dir / "predictions.parquet")["config"]["runtime"] == "onnxruntime"
         assert "towers run on onnxruntime (int8 export" in log
+    elif "EXAMPLES=reviewed.csv" in command:
+        run_dir = _newest_run(ws)
+        _all_labelled(run_dir, LABELS)
+        assert re.search(r"stage encode_images +reused", log) and "encoded 0 images" in log
+        assert pd.read_parquet(run_dir / "predictions.parquet")["is_example"].sum() == 9
+    elif "EXAMPLES=examples" in command:
+        run_dir = ws / "results-examples" if "OUT=results-examples" in command else _newest_run(ws)
+        _all_labelled(run_dir, LABELS + ["unknown"])
+        choice = json.loads((run_dir / "classifier.json").read_text())
+        assert choice["used"] == 9 and (run_dir / "review.parquet").exists()
+        if "target_precision" in command:
+            assert choice["target_precision"] == 0.95
     elif 'LABEL_LIST="cat,dog,red fox"' in command:
         _all_labelled(_newest_run(ws), LABELS)
     else:
@@ -209,9 +228,10 @@ def test_readme_python_snippets(workspace):
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr
         outputs.append(proc.stdout)
-    assert len(outputs) == 2 and "count_star()" in outputs[0]
+    assert len(outputs) == 3 and "count_star()" in outputs[0]
     max_diff = float(outputs[1].splitlines()[0])
     assert max_diff < 1e-5 and "cos" in outputs[1]
+    assert "runner_up" in outputs[2] and "reason" in outputs[2]  # the review queue, most urgent first
 
 
 def test_slurm_template_composes():

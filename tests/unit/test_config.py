@@ -56,6 +56,9 @@ ALTERNATIVES = {
     "model.calibration_images": (["device.dtype=int8", "model.runtime=onnxruntime"], "8"),
     "labels.name": ([], "renamed"), "labels.list": ([], "'circle,square'"), "labels.file": ([], None),
     "labels.template": ([], "'a drawing of a _.'"), "labels.templates": ([], "['a _.','the _.']"),
+    "labels.examples": ([], None),
+    "classify.adapter": ("examples", "gda"), "classify.calibrate": ("examples", "false"),
+    "classify.target_precision": ("examples", "0.9"), "classify.review_size": ([], "10"),
     "dataset.path": ([], None), "dataset.image": ([], None), "dataset.extensions": ([], "[jpg]"),
     "dataset.format": ("mixed", "tar"), "dataset.path_column": ("manifest", "file"),
     "dataset.truth": ([], None), "dataset.truth_column": ([], "color"), "dataset.truth_member": ("tar", "cls"),
@@ -94,6 +97,8 @@ def _base(base, tmp_path) -> list[str]:
     table with the paths in two columns, `path` and `file`)."""
     if not isinstance(base, str):
         return base
+    if base == "examples":
+        return [f"labels.examples={_examples(tmp_path / 'examples')}"]
     images = sorted(SAMPLE_IMAGES.glob("*.jpg"))[:3]
     if base == "manifest":
         table = tmp_path / "manifest.csv"
@@ -121,11 +126,20 @@ def test_result_keys_are_hashed_and_execution_keys_are_not(compose, key, tmp_pat
         assert changed == [], f"{key} is declared execution-only but changes {changed}"
 
 
+def _examples(folder):
+    """Two sample images per shape, in a subfolder each: labels.examples for labels=shapes."""
+    for shape in ("circle", "square", "triangle", "star", "cross"):
+        (folder / shape).mkdir(parents=True)
+        for image in sorted(SAMPLE_IMAGES.glob(f"*_{shape}_*.jpg"))[:2]:
+            shutil.copy(image, folder / shape / image.name)
+    return folder
+
+
 def _downstream_fingerprints(compose_fixture, tmp_path, *overrides) -> dict[str, str]:
     """Fingerprints of every cached stage once the content stages have read the inputs."""
     pipeline = workflow.build(compose_fixture(*overrides, "report=false", cache=f"cache-{len(overrides)}"))
     runner = Runner(pipeline.cache_dir, pipeline.execution)
-    upstream = runner.run(pipeline.stages, targets=("discover", "truth"))
+    upstream = runner.run(pipeline.stages, targets=tuple(s.name for s in pipeline.stages if s.kind == CONTENT))
     out = {name: art.fingerprint for name, art in upstream.items()}
     for stage in pipeline.stages:  # in DAG order: a stage's inputs are computed before it
         if stage.kind == CACHED and stage.name != "classify":
@@ -153,6 +167,9 @@ def test_content_keys_follow_content_not_location(compose, key, tmp_path):
         source, setup = SAMPLE_IMAGE, lambda f: f.write_bytes(f.read_bytes()[:-10])
     elif key == "labels.file":
         source, setup = label_file, lambda f: f.write_text("circle\nstar\n")
+    elif key == "labels.examples":
+        source = _examples(tmp_path / "examples")
+        setup = lambda d: shutil.copy(SAMPLE_IMAGE, d / "star" / "extra.jpg")  # noqa: E731
     else:
         assert key == "dataset.truth"
         source, setup = truth, lambda f: f.write_text(f.read_text().replace("circle\n", "square\n", 3))

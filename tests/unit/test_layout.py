@@ -58,6 +58,15 @@ def test_zero_shot_maths_is_pure():
     assert "open(" not in source and "Path" not in source
 
 
+def test_few_shot_maths_is_pure():
+    names = {n for n in _imports(PACKAGE / "fewshot.py")
+             if not n.startswith(("__future__.", "dataclasses.", "typing.", "enum.", "math."))}
+    assert names <= {"__future__", "dataclasses", "typing", "enum", "math", "numpy", "pipeline.families",
+                     "pipeline.families.SIGMOID", "pipeline.zeroshot", "pipeline.zeroshot.Scoring"}, names
+    source = (PACKAGE / "fewshot.py").read_text()
+    assert "open(" not in source and "Path" not in source
+
+
 def test_runtime_package_never_imports_test_tooling():
     for path in PACKAGE.rglob("*.py"):
         names = _imports(path)
@@ -67,6 +76,7 @@ def test_runtime_package_never_imports_test_tooling():
 def test_one_module_per_stage_with_its_version():
     import importlib
 
-    for stage in ("discover", "encode_labels", "encode_images", "truth", "classify", "publish", "report"):
+    for stage in ("discover", "encode_labels", "encode_images", "truth", "discover_examples", "fit_classifier",
+                  "classify", "publish", "report"):
         module = importlib.import_module(f"pipeline.stages.{stage}")
         assert isinstance(module.VERSION, int), stage

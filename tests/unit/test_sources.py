@@ -232,9 +232,10 @@ def test_a_source_opened_without_a_setting_refuses_the_work_that_needs_it(tmp_pa
         list(TarSource(_at(tmp_path / "s.tar")).members(b"s.tar"))
     settings = DatasetSettings(TAR, {"extensions": ["jpg"], "path_column": "path", "truth_column": "label",
                                      "truth_member": "cls"})
-    assert settings.params(RECORDS) == {"format": "tar"}
-    assert settings.params(READING) == {"format": "tar", "extensions": ["jpg"], "truth_member": "cls"}
-    provider = SourceProvider(_at(tmp_path / "s.tar"))
+    assert settings.params(RECORDS) == {"input": "dataset", "format": "tar"}
+    assert settings.params(READING) == {"input": "dataset", "format": "tar", "extensions": ["jpg"],
+                                        "truth_member": "cls"}
+    provider = SourceProvider({"dataset": _at(tmp_path / "s.tar")})
     reading = provider.open(settings.params(READING))
     assert [m.name for m in reading.members(b"s.tar")] == ["a.jpg"] and reading is provider.open(
         settings.params(READING))
