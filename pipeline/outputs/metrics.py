@@ -87,13 +87,18 @@ def _empty_truth() -> pa.Table:
     return pa.table({"path": pa.array([], pa.string()), "truth": pa.array([], pa.string())}, schema=TRUTH_SCHEMA)
 
 
-def write_truth(out: Path, table: pa.Table | None) -> None:
-    """Store truth sorted by the UTF-8 bytes of its paths, the order images come in."""
+def write_truth(out: Path, truth: pa.Table | Iterable[pa.RecordBatch] | None) -> None:
+    """Store truth sorted by the UTF-8 bytes of its paths, the order images come in: a table is sorted here;
+    batches (a source's streamed truth) come sorted already and are written as they come."""
     import pyarrow.compute as pc
 
-    table = _empty_truth() if table is None else table
-    order = pc.sort_indices(table.column("path").cast(pa.binary()))
-    pq.write_table(table.take(order), out)
+    if truth is None or isinstance(truth, pa.Table):
+        table = _empty_truth() if truth is None else truth
+        pq.write_table(table.take(pc.sort_indices(table.column("path").cast(pa.binary()))), out)
+        return
+    with pq.ParquetWriter(out, TRUTH_SCHEMA) as writer:
+        for batch in truth:
+            writer.write_batch(batch)
 
 
 class TruthWalk:

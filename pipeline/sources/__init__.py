@@ -10,8 +10,8 @@ Each source lists records, and reads images:
 - `read(path)` (kind `images`) returns one image's bytes; `members(path)` (kind `tars`) streams a tar file's
   images. Both raise `ImageReadError`, transient unless the failure lies in the data itself (a missing file, a
   truncated tar file).
-- `truth()` is the ground truth the source carries itself (a manifest's label column) as a (path, truth) table,
-  or None.
+- `truth()` is the ground truth the source carries itself (a manifest's label column) as (path, truth) record
+  batches in path order, or None.
 
 One path for what decides a result: a stage never gets a source object built elsewhere. It hashes
 `DatasetSettings.params(use)` and opens its source from exactly those params (`SourceProvider.open`); a setting
@@ -42,8 +42,8 @@ class Source(Protocol):
     def records(self) -> Iterator[pa.RecordBatch]:
         """Every record, in bytewise order of path."""
 
-    def truth(self) -> pa.Table | None:
-        """Ground truth carried by the source itself: a table of (path, truth)."""
+    def truth(self) -> Iterator[pa.RecordBatch] | None:
+        """Ground truth carried by the source itself: (path, truth) batches in path order."""
 
 
 def batches_of(rows: Iterator[tuple[bytes, int, str]], rows_per_batch: int = BATCH_ROWS) -> Iterator[pa.RecordBatch]:

@@ -1,8 +1,9 @@
 """Images under a prefix of an object store (s3://bucket/prefix/, gs://bucket/prefix/).
 
 An image's key is its object key relative to the prefix; its record carries the object's size and ETag (or
-generation), so an unchanged bucket reuses everything and a changed object re-encodes only its chunk. Listing
-order is the store's, which for S3 and GCS is the bytewise order of keys.
+generation), so an unchanged bucket reuses everything and a changed object re-encodes only its chunk. The listing
+streams a page at a time (on S3) and is sorted on disk (`sorting.py`): the store's own order is not promised
+(S3 directory buckets list unordered), and a 100M-object prefix is never held whole.
 """
 
 from __future__ import annotations
@@ -10,9 +11,12 @@ from __future__ import annotations
 import os
 from typing import Iterable, Iterator
 
+import pyarrow as pa
+
 from . import BUCKET, IMAGES, READING, RECORDS, TRUTH, Location, batches_of
 from .folder import normalise_extensions, required
-from .remote import Remote, check_reachable, strip_protocol
+from .remote import Remote, check_reachable, list_objects, strip_protocol
+from .sorting import sorted_rows
 from .tars import _object_version, is_tar
 
 
@@ -35,21 +39,27 @@ class BucketSource:
         return self.location
 
     def objects(self) -> Iterator[tuple[str, dict]]:
-        """(key relative to the prefix, info) of every object under the prefix, in key order."""
-        found = self.remote.fs.find(self.prefix.rstrip("/"), detail=True)
-        for path, info in sorted(found.items()):
+        """(key relative to the prefix, info) of every object under the prefix, in the store's order."""
+        for path, info in list_objects(self.remote, self.prefix.rstrip("/")):
             yield path[len(self.prefix):], info
 
     def holds_only_tars(self) -> bool:
-        """Whether the prefix holds tar files and no images (then it is tar shards, not a bucket of images)."""
-        keys = [key for key, _ in self.objects()]
+        """Whether the prefix holds tar files and no images (then it is tar shards, not a bucket of images); stops
+        at the first image."""
         suffixes = required(self.suffixes, "extensions", "a bucket source")
-        return any(is_tar(k) for k in keys) and not any(os.path.splitext(k)[1].lower() in suffixes for k in keys)
+        tars = False
+        for key, _ in self.objects():
+            if os.path.splitext(key)[1].lower() in suffixes:
+                return False
+            tars = tars or is_tar(key)
+        return tars
 
-    def records(self):
+    def records(self) -> Iterator[pa.RecordBatch]:
+        """Records in bytewise order of key."""
         required(self.suffixes, "extensions", "a bucket source")
-        return batches_of((key.encode("utf-8", "surrogateescape"), int(info.get("size") or -1), _object_version(info))
-                          for key, info in self.objects() if os.path.splitext(key)[1].lower() in self.suffixes)
+        listed = batches_of((key.encode("utf-8", "surrogateescape"), int(info.get("size") or -1), _object_version(info))
+                            for key, info in self.objects() if os.path.splitext(key)[1].lower() in self.suffixes)
+        return batches_of(sorted_rows(listed, "path"))
 
     def truth(self) -> None:
         return None

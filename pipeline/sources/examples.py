@@ -58,11 +58,12 @@ def list_examples(source) -> ExampleList:
             raise UserError(f"labels.examples {source.describe()}: {len(loose)} images lie outside a label's "
                             f"subfolder ({', '.join(loose[:3])}); put each example in the subfolder of its label")
         return ExampleList(keys, [[key.split("/", 1)[0]] for key in keys])
-    table = source.truth()
-    if table is None:
+    truth = source.truth()
+    if truth is None:
         raise UserError(f"labels.examples {source.describe()}: the table has no '{LABEL_COLUMN}' column; give it "
                         f"columns {PATH_COLUMN},{LABEL_COLUMN}")
-    keys, labels = table.column("path").to_pylist(), table.column("truth").to_pylist()
+    rows = [row for batch in truth for row in zip(*(batch.column(c).to_pylist() for c in ("path", "truth")))]
+    keys, labels = [key for key, _ in rows], [label for _, label in rows]
     empty = [key for key, label in zip(keys, labels) if not (label or "").strip()]
     if empty:
         raise UserError(f"labels.examples {source.describe()}: {len(empty)} rows have no label "

@@ -4,6 +4,8 @@
   absolute path, or a URL. The key of an image in every output is its path as written.
 - A truth column (`dataset.truth_column`, default `label`), when the table has one, is the ground truth.
 - A duplicate path is an error; so is a table without its path column (both before any image is read).
+- The table is streamed in batches and sorted on disk (`sorting.py`): listing a 100M-row manifest holds one run
+  of it in memory, not the table.
 - A local image's record carries its size and mtime, so a changed file is encoded again. A URL's record carries
   the table's `version` column when there is one (an ETag, say), else nothing: a URL is then taken as unchanged
   while the manifest is.
@@ -15,14 +17,13 @@ import os
 from pathlib import Path
 from typing import Iterator
 
-import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from ..errors import UserError
-from . import IMAGES, MANIFEST, READING, RECORDS, RECORDS_SCHEMA, TRUTH, Location
+from . import BATCH_ROWS, IMAGES, MANIFEST, READING, RECORDS, TRUTH, Location, batches_of
 from .folder import read_file, required
 from .remote import Remote, check_reachable, is_url, strip_protocol
+from .sorting import sorted_rows
 
 SUFFIXES = (".csv", ".tsv", ".parquet", ".jsonl")
 VERSION_COLUMN = "version"
@@ -47,14 +48,7 @@ class ManifestSource:
                 raise UserError(f"manifest not found: '{self.location}' (dataset.path)")
             self.columns = _read_schema(self.location, self.remote)
             self._check_columns(self.columns)
-        self._table: pa.Table | None = None  # read when listed: a process that reuses a listing never reads it
         self._remotes: dict[str, Remote] = {}
-
-    @property
-    def table(self) -> pa.Table:
-        if self._table is None:
-            self._table = self._read()
-        return self._table
 
     def _check_columns(self, names: list[str]) -> None:
         if self.path_column is not None and self.path_column not in names:
@@ -72,24 +66,36 @@ class ManifestSource:
         return None if self.remote else Path(self.location).resolve().parent
 
     def records(self) -> Iterator[pa.RecordBatch]:
-        paths = self.table.column(required(self.path_column, "path_column", "a manifest source"))
-        versions = self.table.column(VERSION_COLUMN) if VERSION_COLUMN in self.table.column_names else None
-        for start in range(0, len(paths), 65_536):
-            block = paths.slice(start, 65_536).to_pylist()
-            given = versions.slice(start, 65_536).to_pylist() if versions is not None else [None] * len(block)
-            rows = [self._record(p, v) for p, v in zip(block, given)]
-            yield pa.RecordBatch.from_arrays([pa.array([r[0] for r in rows], pa.binary()),
-                                              pa.array([r[1] for r in rows], pa.int64()),
-                                              pa.array([r[2] for r in rows], pa.string())], schema=RECORDS_SCHEMA)
+        """Records in bytewise order of path, streamed; a path listed twice stops the listing (after counting
+        them all, to say how many)."""
+        path_column = required(self.path_column, "path_column", "a manifest source")
+        columns = [path_column] + ([VERSION_COLUMN] if VERSION_COLUMN in self.columns else [])
+        duplicates = _Duplicates(self.location)
 
-    def truth(self) -> pa.Table | None:
-        from ..outputs.metrics import truth_table
+        def rows() -> Iterator[tuple[bytes, int, str]]:
+            for row in sorted_rows(self._stream(columns), path_column):
+                if not duplicates.seen(row[0]):
+                    yield self._record(row[0].decode("utf-8", "surrogateescape"), row[1] if len(row) > 1 else None)
+        yield from batches_of(rows())
+        duplicates.check()
 
-        required(self.path_column, "path_column", "a manifest source")
+    def truth(self) -> Iterator[pa.RecordBatch] | None:
+        """(path, truth) batches in bytewise order of path, rows without a truth left out; None when the table
+        has no truth column (known from its schema: then no row is read)."""
+        from ..outputs.metrics import TRUTH_SCHEMA, truth_table
+
+        path_column = required(self.path_column, "path_column", "a manifest source")
         if required(self.truth_column, "truth_column", "a manifest source") not in self.columns:
-            # known from the schema: the rows are read only for a truth
             return None
-        return truth_table(self.table.column(self.path_column), self.table.column(self.truth_column))
+        rows = sorted_rows(self._stream([path_column, self.truth_column]), path_column)
+
+        def batches() -> Iterator[pa.RecordBatch]:
+            for block in _blocks(rows):
+                keys, values = zip(*block)
+                table = truth_table(pa.chunked_array([pa.array(keys, pa.binary())]),
+                                    pa.chunked_array([pa.array(values, pa.string())]))
+                yield from table.cast(TRUTH_SCHEMA).to_batches()
+        return batches()
 
     def _record(self, path: str, version: str | None) -> tuple[bytes, int, str]:
         key = path.encode("utf-8", "surrogateescape")
@@ -131,57 +137,111 @@ class ManifestSource:
 
     # ------------------------------------------------------------------------------------------ the table
 
-    def _read(self) -> pa.Table:
-        table = _read_table(self.location, self.remote)
-        self._check_columns(table.column_names)
-        paths = table.column(self.path_column).cast(pa.string())
-        if paths.null_count:
-            raise UserError(f"manifest {self.location}: {paths.null_count} rows have no '{self.path_column}'")
-        table = table.set_column(table.column_names.index(self.path_column), self.path_column, paths)
-        # Records come in bytewise order of their keys, as from every source.
-        table = table.take(pc.sort_indices(paths.cast(pa.binary())))
-        _refuse_duplicates(table.column(self.path_column), self.location)
-        for name in (self.path_column, VERSION_COLUMN):
-            if name in table.column_names:
-                table = table.set_column(table.column_names.index(name), name, table.column(name).cast(pa.string()))
-        return table
+    def _stream(self, columns: list[str]) -> Iterator[pa.RecordBatch]:
+        """The table's `columns` as strings, in batches, in the table's order; a row without a path stops it."""
+        for batch in _read_batches(self.location, self.remote, columns):
+            arrays = [batch.column(name).cast(pa.string()) for name in columns]
+            if arrays[0].null_count:
+                raise UserError(f"manifest {self.location}: {arrays[0].null_count} rows have no '{columns[0]}'; "
+                                "every row needs a path")
+            yield pa.RecordBatch.from_arrays(arrays, names=columns)
 
 
-def _refuse_duplicates(paths: pa.ChunkedArray, location: str) -> None:
-    values = paths.combine_chunks()
-    if len(values) < 2:
-        return
-    same = pc.equal(values.slice(1), values.slice(0, len(values) - 1)).to_numpy(zero_copy_only=False)
-    repeated = np.flatnonzero(same)
-    if len(repeated):
-        shown = sorted({values[int(i)].as_py() for i in repeated[:_DUPLICATES_SHOWN]})
-        raise UserError(f"manifest {location} lists {len(repeated)} paths more than once ({', '.join(shown)} ...); "
-                        "each image must appear once")
+class _Duplicates:
+    """Paths met twice in a sorted stream: counted, the first few named, the listing refused at its end."""
+
+    def __init__(self, location: str) -> None:
+        self.location, self.previous, self.count, self.shown = location, None, 0, []
+
+    def seen(self, key: bytes) -> bool:
+        again = key == self.previous
+        if again:
+            self.count += 1
+            if len(self.shown) < _DUPLICATES_SHOWN and (not self.shown or self.shown[-1] != key):
+                self.shown.append(key.decode("utf-8", "replace"))
+        self.previous = key
+        return again
+
+    def check(self) -> None:
+        if self.count:
+            raise UserError(f"manifest {self.location} lists {self.count} paths more than once "
+                            f"({', '.join(self.shown)} ...); each image must appear once")
 
 
-def _read_table(location: str, remote: Remote | None, schema_only: bool = False):
-    """The whole table, or with `schema_only` only its column names (for parquet the footer; for text formats the
-    first block)."""
+def _blocks(rows: Iterator[tuple], size: int = BATCH_ROWS) -> Iterator[list[tuple]]:
+    block: list[tuple] = []
+    for row in rows:
+        block.append(row)
+        if len(block) == size:
+            yield block
+            block = []
+    if block:
+        yield block
+
+
+def _read_batches(location: str, remote: Remote | None, columns: list[str]) -> Iterator[pa.RecordBatch]:
+    """`columns` of the table, in batches as its format allows streaming them (parquet by row group, csv and tsv
+    by block, jsonl by lines)."""
+    import io
+
     import pyarrow.csv as pacsv
     import pyarrow.json as pajson
     import pyarrow.parquet as pq
 
-    suffix = next((s for s in SUFFIXES if location.lower().endswith(s)), None)
-    if suffix is None:
-        raise UserError(f"manifest {location}: expected one of {', '.join(SUFFIXES)}")
+    suffix = _suffix(location)
     opener = (lambda: remote.fs.open(strip_protocol(location), "rb")) if remote else (lambda: open(location, "rb"))
     try:
         with opener() as fh:
             if suffix == ".parquet":
-                return pq.read_schema(fh).names if schema_only else pq.read_table(fh)
-            if suffix == ".jsonl":
-                return pajson.open_json(fh).schema.names if schema_only else pajson.read_json(fh)
-            options = pacsv.ParseOptions(delimiter="\t" if suffix == ".tsv" else ",")
-            return pacsv.open_csv(fh, parse_options=options).schema.names if schema_only else \
-                pacsv.read_csv(fh, parse_options=options)
-    except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as exc:
+                yield from pq.ParquetFile(fh).iter_batches(batch_size=BATCH_ROWS, columns=columns)
+            elif suffix == ".jsonl":
+                for lines in _line_blocks(fh):
+                    yield from pajson.read_json(io.BytesIO(lines)).select(columns).to_batches()
+            else:
+                parse = pacsv.ParseOptions(delimiter="\t" if suffix == ".tsv" else ",")
+                convert = pacsv.ConvertOptions(include_columns=columns, column_types={c: pa.string() for c in columns})
+                yield from pacsv.open_csv(fh, parse_options=parse, convert_options=convert)
+    except (pa.ArrowInvalid, OSError, UnicodeDecodeError, KeyError) as exc:
         raise UserError(f"cannot read manifest {location}: {exc}") from None
 
 
+def _line_blocks(fh, size: int = 16 << 20) -> Iterator[bytes]:
+    """Whole lines, about `size` bytes at a time."""
+    rest = b""
+    while chunk := fh.read(size):
+        cut = (rest + chunk).rfind(b"\n")
+        if cut < 0:
+            rest += chunk
+            continue
+        block, rest = (rest + chunk)[:cut + 1], (rest + chunk)[cut + 1:]
+        if block.strip():
+            yield block
+    if rest.strip():
+        yield rest
+
+
+def _suffix(location: str) -> str:
+    suffix = next((s for s in SUFFIXES if location.lower().endswith(s)), None)
+    if suffix is None:
+        raise UserError(f"manifest {location}: expected one of {', '.join(SUFFIXES)}")
+    return suffix
+
+
 def _read_schema(location: str, remote: Remote | None) -> list[str]:
-    return _read_table(location, remote, schema_only=True)
+    """The table's column names: for parquet its footer, for the text formats the first block."""
+    import pyarrow.csv as pacsv
+    import pyarrow.json as pajson
+    import pyarrow.parquet as pq
+
+    suffix = _suffix(location)
+    opener = (lambda: remote.fs.open(strip_protocol(location), "rb")) if remote else (lambda: open(location, "rb"))
+    try:
+        with opener() as fh:
+            if suffix == ".parquet":
+                return pq.read_schema(fh).names
+            if suffix == ".jsonl":
+                return pajson.open_json(fh).schema.names
+            options = pacsv.ParseOptions(delimiter="\t" if suffix == ".tsv" else ",")
+            return pacsv.open_csv(fh, parse_options=options).schema.names
+    except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read manifest {location}: {exc}") from None

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 from ..errors import ImageReadError, UserError
 
@@ -68,6 +68,29 @@ class Remote:
 
     def read(self, path: str) -> bytes:
         return self.with_retries(_shown(self.protocol, path), lambda: self.fs.cat_file(path))
+
+
+def list_objects(remote: Remote, prefix: str, page: int = 1000) -> Iterator[tuple[str, dict]]:
+    """(path, info) of every object under `prefix`, in no promised order. On S3 a page of the listing at a time
+    (a 100M-object bucket is never held whole); other stores through fsspec's `find`, which lists them whole."""
+    if remote.protocol not in ("s3", "s3a"):
+        yield from remote.fs.find(prefix, detail=True).items()
+        return
+    from fsspec.asyn import sync
+
+    bucket, _, key = prefix.strip("/").partition("/")
+    objects = remote.fs._iterdir(bucket, delimiter="", prefix=key + "/" if key else "")  # noqa: SLF001 - s3fs's paged listing
+
+    async def next_page() -> list[dict]:
+        found: list[dict] = []
+        async for info in objects:
+            found.append(info)
+            if len(found) == page:
+                break
+        return found
+
+    while found := sync(remote.fs.loop, next_page):
+        yield from ((info["name"], info) for info in found)
 
 
 def _filesystem(protocol: str, options: dict[str, Any], timeout: float):

@@ -2,7 +2,9 @@
 
 A content stage: it runs every time (the folder may have changed) and is fingerprinted by the records it wrote,
 so everything downstream is reused exactly when no image was added, removed or changed (size or mtime).
-The records file is Arrow IPC, uncompressed, read memory-mapped in slices: no process holds the list whole.
+The records file is Arrow IPC, uncompressed, read a record batch at a time: no process holds the list whole.
+It is read, not memory-mapped: a pass over a mapped file leaves every page it touched resident in the process
+(a 10M-image listing: 0.78 GB of RSS after planning), where a read batch is freed once used.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from ..sources import RECORDS_SCHEMA
 
 log = logging.getLogger(__name__)
 
-VERSION = 7
+VERSION = 8
 RECORDS_FILE = "records.arrow"
 
 
@@ -38,13 +40,13 @@ def discover(ctx: StageContext, *, source: dict) -> None:
 
 
 class Records:
-    """The records of a discover entry, memory-mapped: `count`, slices, and paths of a slice. A slice touches
+    """The records of a discover entry: `count`, slices, and paths of a slice. A slice touches
     only the record batches it overlaps, so its cost does not grow with the dataset (a shard of a 100M-image
     job reads its paths a batch of images at a time)."""
 
     def __init__(self, artifact: Artifact | Path) -> None:
         self.path = artifact.file(RECORDS_FILE) if isinstance(artifact, Artifact) else Path(artifact)
-        self._reader = ipc.open_file(pa.memory_map(str(self.path)))
+        self._reader = ipc.open_file(pa.OSFile(str(self.path)))
         sizes = [self._reader.get_batch(i).num_rows for i in range(self._reader.num_record_batches)]
         self._starts = [0, *itertools.accumulate(sizes)]  # first row of each batch, then the count
         self.count = self._starts[-1]

@@ -245,3 +245,33 @@ def test_shard_jobs_share_one_listing_by_name(compose, tmp_path):
     fresh = workflow.run(compose(*args, out="fresh"))  # no listing name: list again, notice the new file
     assert statuses(fresh)["discover"] == "changed" and fresh.discovered == len(IMAGES) + 1
     assert fresh.counters["chunks_encoded"] <= 2  # only the chunks around the new file
+
+
+def test_a_bucket_is_listed_a_page_at_a_time_and_sorted_on_disk(s3_env, monkeypatch):
+    """The listing streams the store's pages (3 objects a page here) and sorts the records in runs spilled to disk
+    (4 rows a run): every image once, in bytewise order of key, the non-images left out."""
+    from pipeline.sources import Location, remote, sorting
+    from pipeline.sources.bucket import BucketSource
+
+    fs = s3_env.filesystem()
+    fs.mkdir("paged")
+    names = ["b/z.jpg", "a.jpg", "b/a.png", "Z.jpg", "a b.webp", "notes.txt", "b/c/d.jpg", "é.jpg", "0.png"]
+    for name in names:
+        fs.pipe(f"paged/p/{name}", name.encode())
+    pages = []
+    listed = remote.list_objects
+
+    def paged(where, prefix, page=1000):
+        for path, info in listed(where, prefix, page=3):
+            pages.append(path)
+            yield path, info
+    monkeypatch.setattr("pipeline.sources.bucket.list_objects", paged)
+    monkeypatch.setattr(sorting, "RUN_ROWS", 4)
+    source = BucketSource(Location(path="s3://paged/p/", retries=0, timeout=10), extensions=["jpg", "png", "webp"])
+    records = [row for batch in source.records() for row in zip(*(batch.column(c).to_pylist() for c in
+                                                                  ("path", "size")))]
+    images = sorted(n.encode() for n in names if not n.endswith(".txt"))
+    assert [path for path, _ in records] == images
+    assert [size for _, size in records] == [len(path) for path in images]
+    assert len(pages) == len(names)
+    assert not BucketSource(Location(path="s3://paged/p/", retries=0, timeout=10), extensions=["jpg"]).holds_only_tars()

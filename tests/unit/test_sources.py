@@ -130,7 +130,8 @@ def test_manifest_formats_sorted_records_and_truth(tmp_path, suffix):
     assert keys == sorted(keys, key=str.encode) and set(keys) == set(table["path"])
     assert records["imgs/b.jpg"]["size"] == 3 and records["imgs/missing.jpg"]["size"] == -1
     assert source.read(b"imgs/b.jpg") == b"123" and source.read(str(tmp_path / "imgs/a.png").encode()) == b"123"
-    truth = source.truth()
+    truth = pa.Table.from_batches(list(source.truth()))
+    assert truth.column("path").to_pylist() == sorted(truth.column("path").to_pylist(), key=str.encode)
     assert dict(zip(truth.column("path").to_pylist(), truth.column("truth").to_pylist())) == {
         "imgs/b.jpg": "cat", str(tmp_path / "imgs" / "a.png"): "dog", "imgs/missing.jpg": "cat"}
     with pytest.raises(ImageReadError):
@@ -208,10 +209,11 @@ def test_a_manifest_without_truth_is_not_read_for_it(tmp_path):
 
     pq.write_table(pa.table({"path": ["b.jpg", "a.jpg"]}), tmp_path / "plain.parquet")
     plain = ManifestSource(_at(tmp_path / "plain.parquet"), path_column="path", truth_column="label")
-    assert plain.truth() is None and plain._table is None
+    plain._stream = None  # reading a row would fail: the schema alone says there is no truth
+    assert plain.truth() is None
     pq.write_table(pa.table({"path": ["b.jpg", "a.jpg"], "label": ["dog", "cat"]}), tmp_path / "labelled.parquet")
-    truth = ManifestSource(_at(tmp_path / "labelled.parquet"), path_column="path",
-                           truth_column="label").truth()
+    truth = pa.Table.from_batches(list(ManifestSource(_at(tmp_path / "labelled.parquet"), path_column="path",
+                                                      truth_column="label").truth()))
     assert sorted(zip(truth.column("path").to_pylist(), truth.column("truth").to_pylist())) == \
         [("a.jpg", "cat"), ("b.jpg", "dog")]
 
@@ -239,3 +241,36 @@ def test_a_source_opened_without_a_setting_refuses_the_work_that_needs_it(tmp_pa
     reading = provider.open(settings.params(READING))
     assert [m.name for m in reading.members(b"s.tar")] == ["a.jpg"] and reading is provider.open(
         settings.params(READING))
+
+
+def test_a_manifest_is_sorted_and_checked_on_disk_in_bounded_runs(tmp_path, monkeypatch):
+    """More rows than a run: sorted runs spilled and merged give the order a sort in memory gives, duplicates
+    across runs are found, and every format streams."""
+    import pyarrow.parquet as pq
+
+    from pipeline.sources import sorting
+    from pipeline.sources.manifest import ManifestSource
+
+    monkeypatch.setattr(sorting, "RUN_ROWS", 7)
+    rng = __import__("random").Random(3)
+    paths = [f"d{rng.randrange(1000):03d}/{i}.jpg" for i in range(100)] + ["é.jpg", "z.jpg", "a b.jpg"]
+    rng.shuffle(paths)
+    table = pa.table({"path": paths, "label": [f"l{i % 3}" for i in range(len(paths))]})
+    for suffix in (".parquet", ".csv", ".tsv", ".jsonl"):
+        manifest = tmp_path / f"m{suffix}"
+        if suffix == ".parquet":
+            pq.write_table(table, manifest, row_group_size=10)
+        elif suffix == ".jsonl":
+            manifest.write_text("".join(__import__("json").dumps(r) + "\n" for r in table.to_pylist()))
+        else:
+            sep = "\t" if suffix == ".tsv" else ","
+            rows = "".join(f"{r['path']}{sep}{r['label']}\n" for r in table.to_pylist())
+            manifest.write_text(f"path{sep}label\n" + rows)
+        source = ManifestSource(_at(manifest), path_column="path", truth_column="label")
+        listed = [r["path"] for r in _records(source)]
+        assert listed == sorted(p.encode() for p in paths), suffix
+        truth = pa.Table.from_batches(list(source.truth()))
+        assert truth.column("path").to_pylist() == sorted(paths, key=str.encode)
+    pq.write_table(pa.table({"path": paths + paths[5:8]}), tmp_path / "dup.parquet", row_group_size=10)
+    with pytest.raises(UserError, match="lists 3 paths more than once"):
+        _records(ManifestSource(_at(tmp_path / "dup.parquet"), path_column="path"))
