@@ -34,7 +34,7 @@ demo: $(STAMP) ## Classify the bundled sample images with the bundled tiny model
 # Two processes, a test module (or a class, where a module splits into classes) each at a time: see
 # tests/conftest.py. Most tests wait on the jobs they start, so two share two cores well.
 test: $(STAMP) ## Run the whole test suite (what CI runs)
-	$(PY) -m pytest -q -n 2 --dist loadscope
+	$(PY) -m pytest -q -n 2 --dist loadscope --durations=15
 
 test-fast: $(STAMP) ## Unit tests and the small integration tests (under 2 minutes): the edit loop
 	$(PY) -m pytest -q -m "not slow" tests/unit tests/integration

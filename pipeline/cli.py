@@ -29,9 +29,17 @@ def task(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except UserError as exc:
             logging.getLogger(fn.__module__).error("%s", exc)
+            if _in_ray_task():
+                raise  # an exit would kill the worker, which Ray takes for a lost node and runs the task again
             sys.exit(EXIT_USER_ERROR)
 
     return wrapper
+
+
+def _in_ray_task() -> bool:
+    """Whether this job runs as a Ray task (hydra/launcher=ray); Ray is never imported to find out."""
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized() and ray.get_runtime_context().get_task_id() is not None
 
 
 def launch(main: Callable[[], None]) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import enum
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional
@@ -237,6 +238,10 @@ def roles(schema: type = RunConfig, prefix: str = "") -> dict[str, str | None]:
 def register() -> None:
     """Make the schema and the `${project_root:}` resolver known to Hydra (idempotent)."""
     ConfigStore.instance().store(name="classify_schema", node=RunConfig)
+    # conf/hydra/launcher/ray.yaml shares its name with the plugin's schema, on purpose (`hydra/launcher=ray`, every
+    # key settable without a `+`); Hydra warns that such matching is deprecated. The file names its own target, so
+    # it works with or without the matching.
+    warnings.filterwarnings("ignore", message=r"(?s).*'hydra/launcher/ray' is validated against ConfigStore schema")
     if not OmegaConf.has_resolver("project_root"):
         OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT))
 

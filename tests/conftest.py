@@ -24,7 +24,7 @@ def compose(tmp_path):
 # module, so that its module fixtures (the README's workspace, an S3 server) are made once, or a class, where a
 # module splits its tests into classes. Scopes are handed out in collection order, so the long ones go first:
 # started last, they would finish last while the other process idles.
-HEAVY_FIRST = ("test_readme", "test_kill", "test_bench", "test_warm_cache", "test_runtimes", "test_cli",
+HEAVY_FIRST = ("test_readme", "test_kill", "test_ray", "test_bench", "test_warm_cache", "test_runtimes", "test_cli",
                "test_memory", "test_evaluation", "test_parity", "test_distributed", "test_families", "test_examples")
 
 

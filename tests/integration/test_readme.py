@@ -176,6 +176,11 @@ def _check(command: str, proc, ws: Path) -> None:
     elif "NPROC=2" in command:
         _all_labelled(ws / "results-2ranks", ["cat", "dog"])
         assert "shard 1/2 done" in log
+    elif "hydra/launcher=ray" in command:
+        sweep = max((ws / "outputs" / "multirun").glob("*/*"), key=lambda p: p.stat().st_mtime)
+        logs = [(sweep / str(i) / "classify.log").read_text() for i in (0, 1)]
+        assert "shard 0/2 done" in logs[0] and "shard 1/2 done" in logs[1]
+        assert re.search(r"encoded [1-9]\d* images", logs[0]) and (ws / "cache-ray").is_dir()
     elif "hydra/launcher=local_parallel" in command:
         sweep = max((ws / "outputs" / "multirun").glob("*/*"), key=lambda p: p.stat().st_mtime)
         logs = [(sweep / str(i) / "classify.log").read_text() for i in (0, 1)]
