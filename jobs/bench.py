@@ -33,7 +33,7 @@ def main() -> int:
     ap.add_argument("--images-base", type=int, default=96)
     ap.add_argument("--images-large", type=int, default=16)
     ap.add_argument("--hf-images", type=int, default=3)
-    ap.add_argument("--datapath-images", type=int, default=224)
+    ap.add_argument("--datapath-images", type=int, default=480)
     ap.add_argument("--quick", action="store_true", help="tiny models and few images: a smoke test")
     ap.add_argument("--runtime-models", default="chinese-clip-vit-base-patch16,clip-vit-large-patch14",
                     help="real-size models for the CPU runtimes table ('' to skip it)")

@@ -25,6 +25,7 @@ from .errors import UserError
 from .families import SIGMOID
 from .inference import EXPORTED, resolve_runtime
 from .labels import LabelSet, build_label_set, check_language
+from .locations import Place, cache_place, output_place, upload_outputs
 from .models import LoadedModel, ModelProvider, inspect_model_dir, preprocessor_of
 from .outputs.writers import read_metadata
 from .sources import (DATASET, EXAMPLES, READING, RECORDS, TRUTH, DatasetSettings, Location, SourceProvider,
@@ -49,7 +50,13 @@ class Pipeline:
     execution: Execution
     label_set: LabelSet
     out_dir: Path
-    cache_dir: Path
+    cache_dir: Path  # local: the cache, or with a store the run's working copy of it
+    cache: Place | None = None
+    output: Place | None = None
+
+    def cleanup(self) -> None:
+        if self.cache is not None:
+            self.cache.cleanup()  # the outputs' local folder stays: Hydra's run folder, with the log
 
 
 @dataclass
@@ -72,6 +79,7 @@ class RunSummary:
     counters: dict = field(default_factory=dict)
     shard: distributed.Shard | None = None  # set when this process only encoded a shard
     error_kinds: list[ErrorKind] = field(default_factory=list)
+    destination: str | None = None  # the store the outputs were uploaded to (OUT=s3://...)
     bytes_read: int | None = None  # by this process (not its decode workers) during the run; Linux only
     cache_bytes_read: dict = field(default_factory=dict)  # verified reads from the cache: entries' files, chunks
 
@@ -91,7 +99,8 @@ class RunSummary:
             read += (f" ({self.cache_bytes_read['chunks'] / 1e6:,.1f} MB of chunks, "
                      f"{self.cache_bytes_read['files'] / 1e6:,.1f} MB of other cache files)")
         return (f"{self.classified}/{self.discovered} images classified, {self.errors} errors, "
-                f"{self.seconds:.1f}s ({rate:.1f} img/s{read}); stages: {stage_states}; results in {self.out_dir}")
+                f"{self.seconds:.1f}s ({rate:.1f} img/s{read}); stages: {stage_states}; "
+                f"results in {self.destination or self.out_dir}")
 
     def error_lines(self) -> list[str]:
         """Each kind of error with its count and its first paths (all listed in errors.parquet)."""
@@ -141,9 +150,9 @@ def build(cfg: DictConfig, preloaded: LoadedModel | None = None, local_rank: int
         raise UserError(f"warm-up image not found: '{cfg.encode.warmup_image}' (encode.warmup_image)")
     choice = devices.resolve(cfg.device.type.value, cfg.device.dtype.value, cfg.device.index,
                              cpu_half=cfg.device.cpu_half, local_rank=local_rank)
-    cache_dir, out_dir = Path(cfg.cache_dir), Path(cfg.output_dir)
-    _check_writable(cache_dir, "cache_dir (CACHE=)")
-    _check_writable(out_dir, "the run directory (OUT=)")
+    cache = cache_place(cfg.cache_dir)
+    output = output_place(cfg.output_dir, _hydra_run_dir())
+    cache_dir, out_dir = cache.local, output.local
     start, most = worker_counts(choice)
     fixed = cfg.encode.num_workers is not None
     batch = cfg.encode.batch_size or default_batch_size(choice)
@@ -160,7 +169,14 @@ def build(cfg: DictConfig, preloaded: LoadedModel | None = None, local_rank: int
         counters=counters)
     stages = _stages(cfg, execution, dataset, examples, label_set, cfg.model.name or info.name, model_fp, truth_mode,
                      out_dir)
-    return Pipeline(stages, execution, label_set, out_dir, cache_dir)
+    return Pipeline(stages, execution, label_set, out_dir, cache_dir, cache, output)
+
+
+def _hydra_run_dir() -> str | None:
+    """Hydra's folder of this run (its log and config), where outputs bound for a store are made first."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else None
 
 
 def _label_set(cfg: DictConfig) -> LabelSet:
@@ -329,16 +345,6 @@ def _truth_source(cfg: DictConfig) -> tuple[str, Path | None]:
     return "file", Path(source).resolve()
 
 
-def _check_writable(directory: Path, what: str) -> None:
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=directory):
-            pass
-    except OSError as exc:
-        raise UserError(f"cannot write to {what} '{directory}': {exc.strerror or exc}; choose a writable "
-                        "folder") from None
-
-
 def _dataset(cfg: DictConfig) -> tuple[SourceProvider, DatasetSettings]:
     """Where the dataset is (execution: never hashed) and what decides its results (hashed by the stages that
     read it); the dataset is opened for listing here, so that a bad one stops the run before any work."""
@@ -431,15 +437,17 @@ def run(cfg: DictConfig, preloaded: LoadedModel | None = None) -> RunSummary:
     from .engine.cache import BYTES_READ
 
     started, read_before, cache_before = time.perf_counter(), bytes_read(), dict(BYTES_READ)
-    devices.fix_mmap_threshold()  # before the first batch: memory that does not grow with the run's length
     shard = distributed.from_environment(cfg.shard.index, cfg.shard.count)
     pipeline = build(cfg, preloaded, shard.local_rank if shard.distributed else None,
                      shows_progress=not shard.distributed or shard.index == 0)
     execution = pipeline.execution
+    if any(stage.name == "export_towers" for stage in pipeline.stages):  # an exported runtime runs the towers
+        devices.fix_mmap_threshold()  # before the first batch: memory that does not grow with the run's length
     distributed.init(shard, execution.device.device, cfg.shard.timeout_hours)
     token = distributed.listing_token(shard, cfg.dataset.listing)
+    store = pipeline.cache.store
     runner = Runner(pipeline.cache_dir, execution, cfg.cache_lock.value,
-                    reuse_tokens={"discover": token} if token else {})
+                    reuse_tokens={"discover": token} if token else {}, store=store)
     try:
         if shard.count > 1:
             runner.run(pipeline.stages, targets=("encode_images",), shard=(shard.index, shard.count))
@@ -448,6 +456,10 @@ def run(cfg: DictConfig, preloaded: LoadedModel | None = None) -> RunSummary:
                 return RunSummary(0, 0, 0, time.perf_counter() - started, pipeline.out_dir, runner.reports,
                                   counters=execution.counters, shard=shard)
         results = runner.run(pipeline.stages)
+        counts = classify.read_counts(results["classify"])
+        kinds = error_kinds(pipeline.out_dir / "errors.parquet")
+        if pipeline.output.store is not None:
+            upload_outputs(pipeline.output)
     except OSError as exc:
         if exc.errno not in _WRITE_ERRNOS:
             raise
@@ -457,7 +469,9 @@ def run(cfg: DictConfig, preloaded: LoadedModel | None = None) -> RunSummary:
     finally:
         distributed.finish(shard)
         execution.models.release()
-    counts = classify.read_counts(results["classify"])
+        if store is not None:
+            log.info("cache: %s", store.request_line())
+        pipeline.cleanup()
     if counts["discovered"] == 0:
         log.warning("no images found in %s (extensions: %s); outputs are empty",
                     execution.sources.locations[DATASET].path, ", ".join(cfg.dataset.extensions))
@@ -466,7 +480,7 @@ def run(cfg: DictConfig, preloaded: LoadedModel | None = None) -> RunSummary:
     read_after = bytes_read()
     return RunSummary(counts["discovered"], counts["classified"], counts["errors"], time.perf_counter() - started,
                       pipeline.out_dir, runner.reports, results, execution.counters,
-                      error_kinds=error_kinds(pipeline.out_dir / "errors.parquet"),
+                      error_kinds=kinds, destination=pipeline.output.store.url if pipeline.output.store else None,
                       bytes_read=read_after - read_before if read_before is not None else None,
                       cache_bytes_read={k: BYTES_READ[k] - cache_before[k] for k in BYTES_READ})
 

@@ -86,8 +86,9 @@ class Decoder(IterableDataset):
 
     def __init__(self, plan: Plan, segment: dict[int, int], source: Source, preprocessor: Preprocessor, *,
                  draft: bool, max_pixels: int, timeout: float, batch_size: int, chunk_size: int,
-                 workers: int) -> None:
+                 workers: int, window: range | None = None) -> None:
         self.plan, self.segment, self.source, self.preprocessor = plan, segment, source, preprocessor
+        self.window = window  # the batches of the segment's one group to decode (None: all of them)
         self.draft, self.max_pixels, self.timeout = draft, max_pixels, timeout
         self.batch_size, self.chunk_size, self.workers = batch_size, chunk_size, workers
 
@@ -116,6 +117,8 @@ class Decoder(IterableDataset):
             chunk = self.plan.chunks[group]
             starts = range(chunk.start, chunk.stop, self.batch_size)
             for batch, start in enumerate(starts):
+                if self.window is not None and batch not in self.window:
+                    continue
                 stop = min(start + self.batch_size, chunk.stop)
                 pieces = range(start, stop, size)
                 for part, first in enumerate(pieces):

@@ -13,6 +13,11 @@ from ..engine import Artifact, ChunkFile, ChunkPool
 from .decode import ImageRow
 
 
+# (rows, first key) of the chunks this process wrote, by chunk name (which holds the content's checksum, so an entry
+# can never be stale): listing them needs no read back, which on a cache in a bucket would be a GET per chunk.
+_WRITTEN: dict[str, tuple[int, bytes | None]] = {}
+
+
 def chunk_schema(dim: int) -> pa.Schema:
     return pa.schema([("path", pa.binary()), ("ok", pa.bool_()), ("width", pa.int32()), ("height", pa.int32()),
                       ("error_type", pa.string()), ("error_message", pa.string()), ("transient", pa.bool_()),
@@ -36,12 +41,18 @@ def write_chunk(pool: ChunkPool, key: str, rows: list[ImageRow], embeddings: lis
     sink = pa.BufferOutputStream()
     with ipc.new_file(sink, table.schema) as writer:
         writer.write_table(table)
-    return pool.put(key, sink.getvalue().to_pybytes(), final=not any(transient))
+    chunk = pool.put(key, sink.getvalue().to_pybytes(), final=not any(transient))
+    _WRITTEN[chunk.name] = (len(rows), path[0] if rows else None)
+    return chunk
 
 
 def chunk_summary(pool: ChunkPool, chunk: ChunkFile) -> tuple[int, bytes | None]:
-    """Rows of a chunk and the key of its first row, memory-mapped (the footer and one column's first value)."""
-    with pa.memory_map(str(pool.path(chunk))) as source:
+    """Rows of a chunk and the key of its first row: memory-mapped on local disk (the footer and one column's
+    first value), else read whole (and verified) from the pool's store."""
+    if chunk.name in _WRITTEN:
+        return _WRITTEN[chunk.name]
+    path = pool.path(chunk)
+    with (pa.memory_map(str(path)) if path.exists() else pa.BufferReader(pool.read(chunk))) as source:
         reader = ipc.open_file(source)
         batches = [reader.get_batch(i) for i in range(reader.num_record_batches)]
         first = next((b.column(0)[0].as_py() for b in batches if b.num_rows), None)

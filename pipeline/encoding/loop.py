@@ -15,6 +15,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from ..devices import release_free_memory
 from ..engine import ChunkFile, ChunkPool
 from ..imaging import Preprocessor, load_and_preprocess
 from ..models import LoadedModel
@@ -40,23 +41,25 @@ def encode_groups(plan: Plan, pending: dict[int, int], pool: ChunkPool, executio
     tuner = WorkerTuner(execution.num_workers, execution.max_workers, execution.workers_fixed)
     loop = BatchLoop(plan, pool, model, preprocessor, execution)
 
-    def decoder(segment: dict[int, int], workers: int) -> Decoder:
-        return Decoder(plan, segment, source, preprocessor, draft=params["draft"], max_pixels=params["max_pixels"],
+    def decoder(step: tuple[dict[int, int], range | None], workers: int) -> Decoder:
+        return Decoder(plan, step[0], source, preprocessor, draft=params["draft"], max_pixels=params["max_pixels"],
                        timeout=execution.timeout, batch_size=execution.batch_size,
-                       chunk_size=plan.chunk_size, workers=workers)
+                       chunk_size=plan.chunk_size, workers=workers, window=step[1])
 
     pin = execution.device.is_accelerator
     with Progress("encode images", plan.images(pending), "img", execution.progress,
                   execution.progress_interval) as bar:
         loop.progress = bar
-        segments = tuner.segments(pending)
+        segments = tuner.segments(pending, lambda group: plan.batches(group, execution.batch_size),
+                                  execution.batch_size)
         segment, workers = next(segments, None), tuner.count
         # The first workers start before the warm-up, so that the first batches decode while the model warms up.
         decoded = decoder(segment, workers).start(pin)
         warm_up(model, execution, preprocessor)
         while segment is not None:
-            started, images, waited = time.perf_counter(), loop.images, loop.timing["data_wait_seconds"]
             loop.consume(decoded)
+            # from the first image that came: the workers' start-up is paid once per step, not per image
+            started, images, waited = loop.first_arrival
             tuner.observe(workers, loop.images - images, time.perf_counter() - started,
                           loop.timing["data_wait_seconds"] - waited)
             segment, workers = next(segments, None), tuner.count
@@ -106,11 +109,16 @@ class BatchLoop:
         self.images = 0
         self.progress: Progress | None = None
         self.in_flight: InFlight | None = None
+        self.first_arrival = (0.0, 0, 0.0)  # (time, images done, data wait) when a step's first message came
 
     def consume(self, decoded: Iterator[DecodedPart | TarEnd]) -> None:
         clock = time.perf_counter()
+        self.first_arrival = (clock, self.images, self.timing["data_wait_seconds"])
+        arrived = False
         for message in decoded:
             clock = _lap(self.timing, "data_wait_seconds", clock)
+            if not arrived:
+                self.first_arrival, arrived = (clock, self.images, self.timing["data_wait_seconds"]), True
             if isinstance(message, TarEnd):
                 self._tar_read(message)
                 continue
@@ -169,6 +177,7 @@ class BatchLoop:
             key = self.plan.chunk_key(part.group, part.chunk)
             rows, found = self.chunks.pop((part.group, part.chunk)).rows_and_embeddings()
             self.written[key] = write_chunk(self.pool, key, rows, found, self.model.embedding_dim)
+            release_free_memory()
             self.timing["chunk_write_seconds"] += time.perf_counter() - started
 
 

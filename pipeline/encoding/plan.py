@@ -90,6 +90,12 @@ class Plan:
         """How many images `groups` hold (None for tar files, whose images are known as they are read)."""
         return sum(self.chunks[g].stop - self.chunks[g].start for g in groups) if self.kind == IMAGES else None
 
+    def batches(self, group: int, batch_size: int) -> int | None:
+        """How many batches a group's images make (None for a tar file: its count is known once it is read)."""
+        if self.kind != IMAGES:
+            return None
+        return -(-(self.chunks[group].stop - self.chunks[group].start) // batch_size)
+
     def chunk_key(self, group: int, number: int) -> str:
         """The key of chunk `number` of `group` (a planned chunk is its group's only chunk)."""
         if self.kind == IMAGES:

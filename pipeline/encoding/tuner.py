@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import logging
-from typing import Iterator
+from typing import Callable, Iterator
 
 log = logging.getLogger(__name__)
 
 GAIN = 1.05  # a worker more must bring 5% more images per second to be kept
 WAITING = 0.05  # the model waits for data more than this share of the time: try a worker more
 SETTLED_SEGMENT = 32  # groups per segment once the worker count is settled
+WINDOW_IMAGES = 32  # images per step while tuning: a step is a window of a group's batches, so that a dataset
+# smaller than one chunk is tuned too (a step per chunk never took a second step below ~1,000 images)
 
 
 class WorkerTuner:
@@ -36,15 +38,28 @@ class WorkerTuner:
         else:
             self.settled = True
 
-    def segments(self, pending: dict[int, int]) -> Iterator[dict[int, int]]:
-        """The pending groups in segments: one group at a time while the count is being tuned, then larger ones
-        (a fresh set of workers costs a fraction of a second)."""
+    def segments(self, pending: dict[int, int], batches_of: Callable[[int], int | None],
+                 batch_size: int) -> Iterator[tuple[dict[int, int], range | None]]:
+        """The pending groups in segments, each with the window of its one group's batches to decode (None: all):
+        windows of about WINDOW_IMAGES while the count is being tuned, then the rest of the group, then segments
+        of many groups (a fresh set of workers costs a fraction of a second). A group whose batches cannot be
+        split (`batches_of` None: a tar file, read by one worker from start to end) is one step."""
         groups = sorted(pending)
-        at = 0
+        at, window = 0, max(1, WINDOW_IMAGES // batch_size)
         while at < len(groups):
-            size = 1 if not self.settled else SETTLED_SEGMENT
-            yield {g: pending[g] for g in groups[at:at + size]}
-            at += size
+            if self.settled:
+                yield {g: pending[g] for g in groups[at:at + SETTLED_SEGMENT]}, None
+                at += SETTLED_SEGMENT
+                continue
+            group = groups[at]
+            total, first = batches_of(group), 0
+            if total is None:
+                yield {group: pending[group]}, None
+            while total is not None and first < total:
+                stop = total if self.settled else min(total, first + window)
+                yield {group: pending[group]}, range(first, stop)
+                first = stop
+            at += 1
 
     def report(self) -> None:
         if self.fixed:

@@ -1,4 +1,5 @@
-"""The engine: a model-agnostic DAG runner, its cache entries, chunk pool, locks and failpoints.
+"""The engine: a model-agnostic DAG runner, its cache entries, chunk pool, locks, failpoints, and the cache's
+mirror on object storage.
 
 It imports nothing from the rest of `pipeline`; stages and jobs build on it, never the other way round.
 """

@@ -52,7 +52,7 @@ class Artifact:
     fingerprint: str
     path: Path | None
     final: bool = True
-    pool: Path | None = None
+    pool: ChunkPool | None = None
 
     def file(self, name: str) -> Path:
         assert self.path is not None, f"stage {self.stage} has no stored output"
@@ -79,7 +79,7 @@ class Artifact:
         """A chunk's bytes, verified; a corrupt chunk is removed from the pool and reported (InputCorrupt)."""
         from .chunks import ChunkCorrupt
 
-        pool = ChunkPool(self.pool)
+        pool = self.pool
         try:
             data = pool.read(chunk)
             BYTES_READ["chunks"] += len(data)
@@ -110,7 +110,7 @@ def read_manifest(directory: Path) -> dict | None:
         return None
 
 
-def verify(directory: Path, pool: Path | None) -> bool:
+def verify(directory: Path, pool: ChunkPool | None) -> bool:
     """True when `directory` holds a complete entry whose files (and chunks) check out; see the module doc."""
     manifest = read_manifest(directory)
     if manifest is None:
@@ -126,9 +126,8 @@ def verify(directory: Path, pool: Path | None) -> bool:
                 log.warning("checksum mismatch in %s", path)
                 return False
         if CHUNK_LIST in manifest["files"]:
-            chunk_pool = ChunkPool(pool)
             for chunk in Artifact("", "", directory).chunks():
-                if not chunk_pool.present(chunk):
+                if pool is None or not pool.present(chunk):
                     log.warning("chunk %s of %s is missing or truncated", chunk.name, directory)
                     return False
     except (OSError, ValueError, KeyError, TypeError) as exc:

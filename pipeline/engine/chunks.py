@@ -11,6 +11,11 @@ On disk: `<pool>/<key[:2]>/<key>.<sha256[:16]>.chunk` (the runner gives each sta
 failures worth trying again; it serves the run that wrote it, and the next run computes it again). A file
 appears under its final name only when complete (temporary name, fsync, rename), and its name carries its
 checksum, which the reader verifies as it reads: one read, no separate verification pass.
+
+With a cache on object storage the pool lives in the store instead (`mirror`: the store and the pool's prefix
+there): a chunk is one PUT (atomic: no temporary name needed), the pool is listed once per pool object, and a chunk
+is read with one GET. Nothing is kept on local disk, so a node's disk does not fill with a run's embeddings (about
+300 GB at 100M images).
 """
 
 from __future__ import annotations
@@ -20,9 +25,11 @@ import logging
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterator
 
 from .failpoints import failpoint
 from .files import TMP_PREFIX, is_orphan, remove, tmp_name
+from .store import Store
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +76,10 @@ def _parse(name: str) -> tuple[str, str, bool] | None:
 
 
 class ChunkPool:
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, mirror: tuple[Store, str] | None = None) -> None:
         self.directory = Path(directory)
+        self.mirror = mirror  # (store, this pool's prefix in it), for a cache on object storage
+        self._mirrored: dict[str, int] | None = None  # name -> size in the store, listed once
 
     def path(self, chunk: ChunkFile) -> Path:
         return self.directory / chunk.name
@@ -79,8 +88,21 @@ class ChunkPool:
         """Every chunk in the pool by key (a final chunk wins over a provisional one); removes orphaned
         temporary files of killed writers on this host."""
         found: dict[str, ChunkFile] = {}
+        for name, size in [*self._local_files(), *self.mirrored().items()]:
+            parsed = _parse(name.rpartition("/")[2])
+            if parsed is None:
+                continue
+            key, digest, final = parsed
+            chunk = ChunkFile(key, name, size, digest, final)
+            previous = found.get(key)
+            if previous is None or (final and not previous.final) or (
+                    final == previous.final and chunk.name < previous.name):
+                found[key] = chunk
+        return found
+
+    def _local_files(self) -> Iterator[tuple[str, int]]:
         if not self.directory.is_dir():
-            return found
+            return
         for sub in os.scandir(self.directory):
             if not sub.is_dir():
                 continue
@@ -89,59 +111,88 @@ class ChunkPool:
                     if is_orphan(entry.name):
                         remove(Path(entry.path))
                     continue
-                parsed = _parse(entry.name)
-                if parsed is None:
-                    continue
-                key, digest, final = parsed
-                chunk = ChunkFile(key, f"{sub.name}/{entry.name}", entry.stat().st_size, digest, final)
-                previous = found.get(key)
-                if previous is None or (final and not previous.final) or (
-                        final == previous.final and chunk.name < previous.name):
-                    found[key] = chunk
-        return found
+                yield f"{sub.name}/{entry.name}", entry.stat().st_size
+
+    def mirrored(self) -> dict[str, int]:
+        """The chunks in the store (name -> size): one listing per pool object, kept up to date by its puts."""
+        if self.mirror is None:
+            return {}
+        if self._mirrored is None:
+            store, prefix = self.mirror
+            self._mirrored = store.list(prefix)
+        return self._mirrored
 
     def put(self, key: str, data: bytes, final: bool = True) -> ChunkFile:
-        """Store `data` under `key` atomically (temporary file, fsync, rename); a final chunk replaces any
-        provisional one of the same key."""
+        """Store `data` under `key` atomically (temporary file, fsync, rename; or one PUT to the store); a final
+        chunk replaces any provisional one of the same key."""
         digest = hashlib.sha256(data).hexdigest()[:_DIGEST_CHARS]
-        sub = self.directory / key[:2]
-        sub.mkdir(parents=True, exist_ok=True)
         name = f"{key}.{digest}{'' if final else RETRY}{SUFFIX}"
-        tmp = sub / tmp_name("chunk")
+        chunk = ChunkFile(key, f"{key[:2]}/{name}", len(data), digest, final)
+        if self.mirror is not None:
+            store, prefix = self.mirror
+            store.put(f"{prefix}/{chunk.name}", data, kind="put chunk")
+            self.mirrored()[chunk.name] = len(data)
+        else:
+            self._write_local(chunk, data)
+        if final:
+            provisional = f"{key[:2]}/{key}.", RETRY + SUFFIX
+            for stale in [n for n in self.mirrored() if n.startswith(provisional[0]) and n.endswith(provisional[1])]:
+                self._forget(stale)
+            for stale in (self.directory / key[:2]).glob(f"{key}.*{RETRY}{SUFFIX}"):
+                stale.unlink(missing_ok=True)
+        failpoint("chunk.after_write")
+        return chunk
+
+    def _write_local(self, chunk: ChunkFile, data: bytes) -> None:
+        path = self.path(chunk)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / tmp_name("chunk")
         try:
             with open(tmp, "wb") as fh:
                 fh.write(data)
                 fh.flush()
                 os.fsync(fh.fileno())
             failpoint("chunk.before_rename")
-            os.replace(tmp, sub / name)
+            os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
-        if final:
-            for stale in sub.glob(f"{key}.*{RETRY}{SUFFIX}"):
-                stale.unlink(missing_ok=True)
-        failpoint("chunk.after_write")
-        return ChunkFile(key, f"{key[:2]}/{name}", len(data), digest, final)
+
+    def _forget(self, name: str) -> None:
+        store, prefix = self.mirror
+        store.delete(f"{prefix}/{name}")
+        self.mirrored().pop(name, None)
 
     def present(self, chunk: ChunkFile) -> bool:
-        """Cheap check (one stat) that a recorded chunk is still there at its recorded size."""
+        """Cheap check (one stat, or the store's listing) that a recorded chunk is still there at its size."""
         try:
             return self.path(chunk).stat().st_size == chunk.size
         except OSError:
-            return False
+            return self.mirrored().get(chunk.name) == chunk.size
 
     def read(self, chunk: ChunkFile) -> bytes:
         """The chunk's bytes, verified against the checksum in its name (raises ChunkCorrupt)."""
         try:
             data = self.path(chunk).read_bytes()
         except FileNotFoundError:
-            raise ChunkCorrupt(chunk, "missing") from None
+            data = self._fetch(chunk)
         if len(data) != chunk.size:
             raise ChunkCorrupt(chunk, f"{len(data)} bytes, expected {chunk.size}")
         if hashlib.sha256(data).hexdigest()[:_DIGEST_CHARS] != chunk.digest:
             raise ChunkCorrupt(chunk, "checksum mismatch")
         return data
 
+    def _fetch(self, chunk: ChunkFile) -> bytes:
+        """A chunk that is not on local disk: from the store, if the pool has one."""
+        data = None
+        if self.mirror is not None:
+            store, prefix = self.mirror
+            data = store.get(f"{prefix}/{chunk.name}", kind="get chunk")
+        if data is None:
+            raise ChunkCorrupt(chunk, "missing")
+        return data
+
     def discard(self, chunk: ChunkFile) -> None:
         log.warning("discarding chunk %s; it will be computed again", self.path(chunk))
         self.path(chunk).unlink(missing_ok=True)
+        if self.mirror is not None:
+            self._forget(chunk.name)

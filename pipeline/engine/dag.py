@@ -22,6 +22,10 @@ recomputed by the next run (and so is everything downstream). A stage that finds
 it raises `InputCorrupt`; the runner recomputes that input (its chunks that are still good are kept) and runs the
 stage again.
 
+With a `store` (a cache on object storage, `store.py`), `cache_dir` is the run's local working copy and the store
+is the shared truth: entries are looked up there (`mirror.pull`) and sealed there (`mirror.push`), chunk pools and
+reuse pointers are mirrored, and a lease in the store stands beside each lock.
+
 A long stage can be `shardable`: a run given `shard=(index, count)` runs such a stage for that shard only (the
 stage fills its part of the chunk pool, and nothing is sealed: shards run at once, with no lock on the entry
 between them), and refuses the stages that need all of it; a later whole run seals it from the pool.
@@ -29,17 +33,20 @@ between them), and refuses the stages that need all of it; a later whole run sea
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
-from . import cache
+from . import cache, mirror
 from .cache import Artifact, InputCorrupt
+from .chunks import ChunkPool
 from .failpoints import failpoint
 from .files import atomic_open, canonical_json, remove, sha256_json, tmp_name
 from .locks import locked
+from .store import Store
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +72,7 @@ WHOLE = (0, 1)  # a run's shard when it is not split between processes: (index, 
 class StageContext:
     out: Path | None  # write the stage's files here (a temporary directory, sealed into the cache on success)
     execution: Any  # how the work is done, never what it gives: passed through from the Runner, never hashed
-    pool: Path | None = None  # the stage's chunk pool (cached stages): survives kills and fingerprint changes
+    pool: ChunkPool | None = None  # the stage's chunk pool (cached stages): survives kills and fingerprint changes
     key: str = ""  # hash of (stage, version, params): namespaces the stage's chunk keys
     memo: Path | None = None  # for indexes derived from inputs (safe to delete: recomputed when missing)
     resumed: bool = False  # set by the stage when it found earlier progress to build on
@@ -131,6 +138,7 @@ class Runner:
     # of one job): the first process under the token runs the stage, the others take its entry.
     reuse_tokens: dict[str, str] = field(default_factory=dict)
     reports: list[StageReport] = field(default_factory=list)
+    store: Store | None = None  # the shared cache on object storage; cache_dir is then a local working copy
 
     def run(self, stages: list[Stage], targets: tuple[str, ...] | None = None,
             shard: tuple[int, int] = WHOLE) -> dict[str, Artifact]:
@@ -162,9 +170,39 @@ class Runner:
         # One pool per stage identity: a run scans only the chunks it could use, however many models, dtypes or
         # preprocessing settings share the cache.
         identity = stage.identity
-        pool = self.cache_dir / stage.name / POOL_DIR / identity[:16] if stage.kind == CACHED else None
+        pool = None
+        if stage.kind == CACHED:
+            where = f"{stage.name}/{POOL_DIR}/{identity[:16]}"
+            pool = ChunkPool(self.cache_dir / where, (self.store, where) if self.store else None)
         memo = self.cache_dir / stage.name / MEMO_DIR / identity[:16]
         return StageContext(out=out, execution=self.execution, pool=pool, key=identity, memo=memo, shard=shard)
+
+    @contextlib.contextmanager
+    def _held(self, stage: str, name: str) -> Iterator[None]:
+        """The lock on `name` among `stage`'s entries, and with a store its lease there too."""
+        with locked(self.cache_dir / stage / f"{name}.lock", self.lock_kind):
+            if self.store is None:
+                yield
+            else:
+                with self.store.lease(f"{stage}/{name}.lease"):
+                    yield
+
+    def _have(self, stage: str, fingerprint: str, pool: ChunkPool | None) -> Path | None:
+        """The final, intact entry of `fingerprint`: local, else pulled from the store; None when neither."""
+        final = self.cache_dir / stage / fingerprint
+        if cache.is_final(final) and cache.verify(final, pool):
+            return final
+        if final.exists() and cache.is_final(final):
+            log.warning("stage %s: cached output %s failed its check; recomputing", stage, final)
+        if self.store is not None and mirror.pull(self.store, stage, fingerprint, final):
+            if cache.is_final(final) and cache.verify(final, pool):
+                return final
+            self.store.delete(mirror.manifest_key(stage, fingerprint))  # its chunks are gone: unseal it
+        return None
+
+    def _publish(self, stage: str, fingerprint: str, final: Path, final_flag: bool) -> bool:
+        """Seal a final entry in the store too; False when the store had it already."""
+        return final_flag and self.store is not None and mirror.push(self.store, stage, fingerprint, final)
 
     def _run_repairing(self, stage: Stage, by_name: dict[str, Stage], results: dict[str, Artifact],
                        shard: tuple[int, int]) -> tuple[Artifact, str]:
@@ -179,6 +217,8 @@ class Runner:
                 log.warning("stage %s: input %s is corrupt (%s); recomputing it", stage.name, bad.stage, exc)
                 if bad.path is not None:
                     remove(bad.path / cache.MANIFEST)  # no longer a valid entry; its intact chunks stay pooled
+                if self.store is not None:
+                    self.store.delete(mirror.manifest_key(bad.stage, bad.fingerprint))
                 upstream = by_name[bad.stage]
                 results[bad.stage], _ = self._run_one(upstream, {a: results[s] for a, s in upstream.inputs.items()})
         raise AssertionError("unreachable")
@@ -196,17 +236,16 @@ class Runner:
         stage_dir = self.cache_dir / stage.name
         final = stage_dir / fingerprint
         ctx = self.context(stage)
-        with locked(stage_dir / f"{fingerprint}.lock", self.lock_kind):
+        with self._held(stage.name, fingerprint):
             cache.sweep(stage_dir, fingerprint[:16])
-            if cache.is_final(final) and cache.verify(final, ctx.pool):
+            if self._have(stage.name, fingerprint, ctx.pool):
                 return Artifact(stage.name, fingerprint, final, True, ctx.pool), "reused"
-            if final.exists() and cache.is_final(final):
-                log.warning("stage %s: cached output %s failed its check; recomputing", stage.name, final)
             ctx.out = stage_dir / tmp_name(fingerprint[:16])
             ctx.out.mkdir(parents=True)
             try:
                 outcome = stage.fn(ctx, **inputs, **stage.params)
                 final_flag = self._seal(stage, inputs, fingerprint, ctx.out, final, outcome)
+                self._publish(stage.name, fingerprint, final, final_flag)
             finally:
                 remove(ctx.out)
         return Artifact(stage.name, fingerprint, final, final_flag, ctx.pool), "resumed" if ctx.resumed else "ran"
@@ -216,25 +255,29 @@ class Runner:
         if token is None:
             return self._run_content_now(stage, inputs)
         stage_dir = self.cache_dir / stage.name
-        pointer = stage_dir / REUSE_DIR / sha256_json({"token": token, "identity": stage.identity,
-                                                       "inputs": {a: art.fingerprint for a, art in inputs.items()}})
-        with locked(pointer.with_suffix(".lock"), self.lock_kind):
+        name = sha256_json({"token": token, "identity": stage.identity,
+                            "inputs": {a: art.fingerprint for a, art in inputs.items()}})
+        pointer, shared = stage_dir / REUSE_DIR / name, f"{stage.name}/{REUSE_DIR}/{name}"
+        with self._held(stage.name, f"{REUSE_DIR}/{name}"):
             fingerprint = pointer.read_text().strip() if pointer.exists() else None
-            final = stage_dir / fingerprint if fingerprint else None
-            if final is not None and cache.is_final(final) and cache.verify(final, None):
-                return Artifact(stage.name, fingerprint, final), "reused"
+            if fingerprint is None and self.store is not None:
+                fingerprint = (self.store.get(shared) or b"").decode() or None
+            if fingerprint and self._have(stage.name, fingerprint, None):
+                return Artifact(stage.name, fingerprint, stage_dir / fingerprint), "reused"
             artifact, status = self._run_content_now(stage, inputs)
             with atomic_open(pointer, "w", encoding="ascii") as fh:
                 fh.write(artifact.fingerprint)
+            if self.store is not None:
+                self.store.put(shared, artifact.fingerprint.encode())
             return artifact, status
 
     def _run_shard(self, stage: Stage, inputs: dict[str, Artifact], shard: tuple[int, int]) -> tuple[Artifact, str]:
         """A shardable stage's shard: its chunks into the pool, nothing sealed, no lock on the entry (shards run
         at once; chunks are written atomically, each by key). Reused when a whole run has sealed the entry."""
         fingerprint = stage.fingerprint(inputs)
-        final = self.cache_dir / stage.name / fingerprint
         ctx = self.context(stage, shard=shard)
-        if cache.is_final(final) and cache.verify(final, ctx.pool):
+        final = self._have(stage.name, fingerprint, ctx.pool)
+        if final is not None:
             return Artifact(stage.name, fingerprint, final, True, ctx.pool), "reused"
         stage.fn(ctx, **inputs, **stage.params)
         return Artifact(stage.name, fingerprint, None, False, ctx.pool), "resumed" if ctx.resumed else "ran"
@@ -249,12 +292,13 @@ class Runner:
             content = sha256_json({name: meta["sha256"] for name, meta in files.items()})
             fingerprint = stage.fingerprint(inputs, content=content)
             final = stage_dir / fingerprint
-            with locked(stage_dir / f"{fingerprint}.lock", self.lock_kind):
+            with self._held(stage.name, fingerprint):
                 cache.sweep(stage_dir, fingerprint[:16])
                 if cache.is_final(final) and cache.verify(final, None):
                     return Artifact(stage.name, fingerprint, final), "unchanged"
                 final_flag = self._seal(stage, inputs, fingerprint, tmp, final, outcome)
-            return Artifact(stage.name, fingerprint, final, final_flag), "changed"
+                new = self._publish(stage.name, fingerprint, final, final_flag) or self.store is None
+            return Artifact(stage.name, fingerprint, final, final_flag), "changed" if new else "unchanged"
         finally:
             remove(tmp)
 

@@ -17,6 +17,7 @@ ENV = "PIPELINE_FAULT"
 POINTS = (
     "stage.before",  # a stage is about to run
     "stage.before_seal",  # a stage's files are written, its cache entry not yet sealed
+    "store.before_seal",  # an entry's files are uploaded to the cache's store, its manifest not yet created
     "chunk.before_rename",  # a chunk file is written, not yet renamed
     "chunk.after_write",  # a chunk is in place; the next is not started
     "classify.row_group",  # a parquet row group has been written

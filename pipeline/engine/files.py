@@ -53,13 +53,17 @@ def is_orphan(name: str) -> bool:
     parts = name.split("-")
     if len(parts) < 4 or not parts[-2].isdigit():
         return True  # not one of ours (an older layout): nothing can still be writing it
-    host, pid = parts[-3], int(parts[-2])
-    if host != owner_tag().rsplit("-", 1)[0]:
-        return False
-    if pid == os.getpid():
+    return has_exited(f"{parts[-3]}-{parts[-2]}")
+
+
+def has_exited(owner: str) -> bool:
+    """True when `owner` (an `owner_tag`) is a process of this host that has exited; False when it is alive, is
+    this process, or ran on another host (which this one cannot see)."""
+    host, _, pid = owner.rpartition("-")
+    if host != owner_tag().rsplit("-", 1)[0] or not pid.isdigit() or int(pid) == os.getpid():
         return False
     try:
-        os.kill(pid, 0)
+        os.kill(int(pid), 0)
     except ProcessLookupError:
         return True
     except PermissionError:

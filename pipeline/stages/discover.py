@@ -24,7 +24,7 @@ from ..sources import RECORDS_SCHEMA
 
 log = logging.getLogger(__name__)
 
-VERSION = 8
+VERSION = 9
 RECORDS_FILE = "records.arrow"
 
 

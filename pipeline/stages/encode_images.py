@@ -22,7 +22,7 @@ from .execution import Execution
 
 log = logging.getLogger(__name__)
 
-VERSION = 7
+VERSION = 8
 
 
 def encode_images(ctx: StageContext, *, records: Artifact, source: dict, model: str, dtype: str, preprocess: dict,
@@ -37,7 +37,7 @@ def encode_images(ctx: StageContext, *, records: Artifact, source: dict, model: 
     listed = fill_chunks(ctx, records, ctx.execution.sources.open(source), params)
     if ctx.shard[1] > 1:
         return None  # this shard's part of the pool; a whole run lists and seals it
-    summaries = [chunk_summary(ChunkPool(ctx.pool), chunk) for chunk in listed]
+    summaries = [chunk_summary(ctx.pool, chunk) for chunk in listed]
     write_chunk_list(ctx.out, listed, count=sum(rows for rows, _ in summaries),
                      first_keys=[(first or b"").hex() for _, first in summaries])
     retry = [c for c in listed if not c.final]
@@ -58,7 +58,7 @@ def fill_chunks(ctx: StageContext, records: Artifact, source, params: dict) -> l
     """Encode the groups of this shard whose chunks the pool lacks; returns every chunk of the plan that exists
     afterwards, in order."""
     execution: Execution = ctx.execution
-    pool = ChunkPool(ctx.pool)
+    pool = ctx.pool
     identity = ctx.key if not params.get("export_fingerprint") else \
         hashlib.sha256(f"{ctx.key}:{params['export_fingerprint']}".encode()).hexdigest()
     plan = make_plan(records, source.kind, params["chunk_images"] or execution.chunk_size, identity, ctx.memo)

@@ -14,7 +14,7 @@ from .discover import Records, display_path
 
 log = logging.getLogger(__name__)
 
-VERSION = 8
+VERSION = 9
 TRUTH_FILE = "truth.parquet"
 
 

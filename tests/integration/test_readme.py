@@ -100,6 +100,13 @@ def _shell(ws: Path, command: str) -> subprocess.CompletedProcess:
                           timeout=600)
 
 
+def _bucket():
+    import s3fs
+
+    return s3fs.S3FileSystem(endpoint_url=S3_ENV["AWS_ENDPOINT_URL"], key=S3_ENV["AWS_ACCESS_KEY_ID"],
+                             secret=S3_ENV["AWS_SECRET_ACCESS_KEY"], skip_instance_cache=True)
+
+
 def _newest_run(ws: Path) -> Path:
     return max((p.parent for p in (ws / "outputs" / "runs").glob("*/*/res.json")), key=lambda p: p.stat().st_mtime)
 
@@ -141,6 +148,11 @@ def _check(command: str, proc, ws: Path) -> None:
         assert sorted(_res(run_dir))[0] == "data-0000.tar/blue_circle_00.jpg" and len(_res(run_dir)) == 38
         assert pd.read_parquet(run_dir / "predictions.parquet")["truth"].notna().all()
         assert (run_dir / "metrics.parquet").exists()
+    elif "CACHE=s3://my-bucket/cache OUT=s3://my-bucket/runs/photos" in command:
+        fs = _bucket()
+        res = json.loads(fs.cat_file("my-bucket/runs/photos/res.json"))
+        assert len(res) == 38 and set(res.values()) <= {"cat", "dog"} and "results in s3://my-bucket/runs/" in log
+        assert [key for key in fs.find("my-bucket/cache/encode_images/pool") if key.endswith(".chunk")]
     elif "DATASET=s3://my-bucket/photos/" in command:
         assert sorted(_res(_newest_run(ws)))[0] == "blue_circle_00.jpg" and len(_res(_newest_run(ws))) == 38
     elif f"DATASET=http://127.0.0.1:{HTTP_PORT}/urls.csv" in command:
@@ -180,7 +192,11 @@ def _check(command: str, proc, ws: Path) -> None:
         sweep = max((ws / "outputs" / "multirun").glob("*/*"), key=lambda p: p.stat().st_mtime)
         logs = [(sweep / str(i) / "classify.log").read_text() for i in (0, 1)]
         assert "shard 0/2 done" in logs[0] and "shard 1/2 done" in logs[1]
-        assert re.search(r"encoded [1-9]\d* images", logs[0]) and (ws / "cache-ray").is_dir()
+        assert re.search(r"encoded [1-9]\d* images", logs[0]) and _bucket().find("my-bucket/cache-ray")
+    elif "output_dir=s3://my-bucket/runs/photos-ray" in command:  # the merge of the Ray shards
+        assert not re.search(r"encoded [1-9]\d* images", log), log[-3000:]
+        res = json.loads(_bucket().cat_file("my-bucket/runs/photos-ray/res.json"))
+        assert len(res) == 38 and set(res.values()) <= set(LABELS)
     elif "hydra/launcher=local_parallel" in command:
         sweep = max((ws / "outputs" / "multirun").glob("*/*"), key=lambda p: p.stat().st_mtime)
         logs = [(sweep / str(i) / "classify.log").read_text() for i in (0, 1)]

@@ -1,4 +1,4 @@
-"""Peak memory stays flat as the dataset grows: records are memory-mapped, outputs streamed, nothing held whole.
+"""Peak memory stays flat as the dataset grows: records read a batch at a time, outputs streamed, nothing held whole.
 
 Each on torch and on OpenVINO: `make reliability` discovers and classifies 100,000 then 1,000,000 small generated
 images (about half an hour per runtime), `make test` 2,000 then 20,000.

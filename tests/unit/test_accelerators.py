@@ -168,3 +168,23 @@ def test_npu_text_tower_runs_eager_with_the_same_results():
     text_attention_eager(loaded.model)
     assert loaded.model.config.text_config._attn_implementation == "eager"
     assert np.abs(loaded.encode_text(prompts) - before).max() < 1e-5
+
+
+def test_worker_tuner_steps_by_windows_of_batches_within_a_chunk():
+    """A dataset smaller than a chunk is tuned too: while tuning, each step decodes a window of about 32 images
+    of the group; once settled, the rest of the group goes at once, then many groups per segment; a tar file
+    (batches unknown) is one step."""
+    from pipeline.encoding.tuner import WorkerTuner
+
+    tuner = WorkerTuner(start=1, highest=2, fixed=False)
+    steps = tuner.segments({0: 0, 1: 0, 2: 0}, lambda group: 60, batch_size=8)  # 480 images per group
+    assert next(steps) == ({0: 0}, range(0, 4))
+    tuner.observe(1, images=32, seconds=0.5, waited=0.25)  # waiting on data: a worker more
+    assert next(steps) == ({0: 0}, range(4, 8))
+    tuner.observe(2, images=32, seconds=0.3, waited=0.02)  # paid, and at the most: settled
+    assert tuner.settled and tuner.count == 2
+    assert next(steps) == ({0: 0}, range(8, 60))  # the rest of the first group
+    assert next(steps) == ({1: 0, 2: 0}, None)
+    assert next(steps, None) is None
+    tars = WorkerTuner(start=1, highest=2, fixed=False).segments({0: 0, 1: 3}, lambda group: None, batch_size=8)
+    assert list(tars) == [({0: 0}, None), ({1: 3}, None)]

@@ -39,6 +39,9 @@ def test_vendor_flags_map_to_overrides():
     assert (image.dataset.image, image.dataset.path) == ("x.jpg", None)
     label_file = compose(translate_flags(["--label_file", "labels.txt"]))
     assert (label_file.labels.file, label_file.labels.list) == ("labels.txt", None)  # no default list to collide
+    # OUT=s3://...: the outputs go to the bucket; Hydra's own run folder (its log) stays local
+    assert translate_flags(["--results_save_path", "s3://b/run"]) == ["output_dir='s3://b/run'"]
+    assert compose(translate_flags(["--results_save_path", "s3://b/run"])).output_dir == "s3://b/run"
 
 
 @pytest.mark.parametrize("value", ["it's ${oc.env:HOME} a\\b\\", "红色,绿色", "[a,b]", "null", "x'y\\'z"])

@@ -175,7 +175,7 @@ def _chunked_stage(attempts, kill_at=None, keys=("a", "b", "c")):
     """A long stage: one chunk per key in its pool, then the list of chunks it is made of."""
 
     def chunked(ctx, **_):
-        pool = ChunkPool(ctx.pool)
+        pool = ctx.pool
         found = pool.scan()
         chunks = []
         for key in keys:
@@ -214,10 +214,10 @@ def test_a_corrupt_chunk_is_recomputed_alone(tmp_path, caplog):
     attempts = []
     out = Runner(tmp_path).run([_chunked_stage(attempts)])
     bad = out["long"].chunks()[1]
-    ChunkPool(out["long"].pool).path(bad).write_bytes(b"X")  # same size, wrong bytes
+    out["long"].pool.path(bad).write_bytes(b"X")  # same size, wrong bytes
     with pytest.raises(InputCorrupt, match="checksum"):
         _joined(out["long"])
-    assert not ChunkPool(out["long"].pool).path(bad).exists()  # the reader removed it
+    assert not out["long"].pool.path(bad).exists()  # the reader removed it
     runner = Runner(tmp_path)
     again = runner.run([_chunked_stage(attempts)])
     assert attempts == ["a", "b", "c", "b"] and _joined(again["long"]) == "abc"
@@ -315,7 +315,7 @@ def test_a_shardable_stage_runs_its_share_through_the_runner_and_a_whole_run_sea
     """Shards fill the pool of a shardable stage (no entry sealed, reported like any stage, with their share);
     they refuse a stage that needs all of it; a later whole run finds their chunks and seals the entry."""
     def fill(ctx, **params):
-        pool = ChunkPool(ctx.pool)
+        pool = ctx.pool
         index, count = ctx.shard
         found = pool.scan()
         listed = []
@@ -343,7 +343,7 @@ def test_a_shardable_stage_runs_its_share_through_the_runner_and_a_whole_run_sea
     whole = Runner(tmp_path)
     results = whole.run([parts, after])
     assert [r.status for r in whole.reports] == ["resumed", "ran"]
-    assert sorted(ChunkPool(results["parts"].pool).read(c).decode() for c in results["parts"].chunks()) == \
+    assert sorted(results["parts"].pool.read(c).decode() for c in results["parts"].chunks()) == \
         ["0", "3", "6", "9"]
     assert (results["after"].path / "n").read_text() == "4"
     again = Runner(tmp_path)
