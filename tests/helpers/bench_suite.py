@@ -239,6 +239,8 @@ def draft_effect(work: Path, images_all: list[Path]) -> dict:
 
 RUNTIME_VARIANTS = [("torch", "fp32"), ("torch", "int8"), ("onnxruntime", "fp32"), ("onnxruntime", "int8"),
                     ("openvino", "fp32"), ("openvino", "int8")]
+# torch as it ran before the allocator setting was kept to the exported runtimes: the before of the before/after
+THRESHOLD_VARIANT = "torch fp32 (mmap threshold 1 MB)"
 
 
 def bench_runtimes(args, work: Path, images_all: list[Path]) -> dict:
@@ -266,6 +268,8 @@ def _bench_runtimes_of(name: str, args, work: Path, images_all: list[Path]) -> d
             "template": template, "batch": args.batch}
     variants = {f"{r} {d}": {**base, "runtime": r, "dtype": d, "work": str(work / f"runtime-{name}-{r}-{d}")}
                 for r, d in RUNTIME_VARIANTS}
+    variants[THRESHOLD_VARIANT] = {**variants["torch fp32"], "mmap_threshold": True,
+                                   "work": str(work / f"runtime-{name}-torch-fp32-threshold")}
     export_seconds = {key: _variant_process({**v, "prepare": True})["export_seconds"] for key, v in variants.items()}
     runs: dict[str, list[dict]] = {key: [] for key in variants}
     for repeat in range(args.repeats):  # round-robin, so that noise hits every variant alike
@@ -276,7 +280,8 @@ def _bench_runtimes_of(name: str, args, work: Path, images_all: list[Path]) -> d
     for key, v in variants.items():
         cosine = (np.load(Path(v["work"]) / "embeddings.npy") * reference).sum(axis=1)
         out[key] = {**{m: float(np.median([r[m] for r in runs[key]])) for m in
-                       ("e2e_img_per_s", "per_image_img_per_s", "tower_img_per_s", "once_per_run_seconds")},
+                       ("e2e_img_per_s", "per_image_img_per_s", "tower_img_per_s", "once_per_run_seconds",
+                        "peak_rss_mb")},
                     "min_cosine_vs_torch_fp32": float(cosine.min()), "export_seconds": export_seconds[key],
                     "stage_seconds": runs[key][len(runs[key]) // 2]["stage_seconds"]}
     return out
@@ -298,6 +303,10 @@ def measure_variant(spec: dict) -> dict:
     """In the variant's own process: `prepare` makes the export (timed); otherwise our pipeline end to end once
     (the export cached), then the vision tower alone on the same images, preprocessed beforehand."""
     work = Path(spec["work"])
+    if spec.get("mmap_threshold"):
+        from pipeline.devices import fix_mmap_threshold
+
+        fix_mmap_threshold()
     count = len(list(Path(spec["images"]).iterdir()))  # int8 calibrates on the measured images (fewer than 16 here)
     cfg = compose(f"model.path={spec['model_dir']}", f"dataset.path={spec['images']}", "labels=custom",
                   f"model.calibration_images={count}",
@@ -323,7 +332,7 @@ def measure_variant(spec: dict) -> dict:
     per_image = run["stage_seconds"]["encode_images"] - run["profile"]["warmup_seconds"]
     return {"e2e_img_per_s": run["images"] / run["seconds"], "per_image_img_per_s": run["images"] / per_image,
             "tower_img_per_s": len(pixels) / seconds, "once_per_run_seconds": run["seconds"] - per_image,
-            "stage_seconds": run["stage_seconds"]}
+            "stage_seconds": run["stage_seconds"], "peak_rss_mb": B.peak_rss_mb()}
 
 
 def _data_path_rows(report: dict) -> list[tuple[str, str, str]]:
@@ -352,13 +361,14 @@ def _runtime_rows(report: dict) -> list[tuple[str, str, str]]:
         base = r["torch fp32"]
         rows.append((f"CPU runtimes, {name} ({r['images']} images, batch {r['batch_size']}, 10 labels)",
                      "img/s (x torch fp32): end to end; per-image part; tower alone",
-                     "min cos; once-per-run s; export s"))
+                     "min cos; once-per-run s; export s; peak RSS MB"))
         for key, v in r.items():
             if isinstance(v, dict):
                 ratios = [f"{v[m]:.3f} ({v[m] / base[m]:.2f}x)" for m in
                           ("e2e_img_per_s", "per_image_img_per_s", "tower_img_per_s")]
                 rows.append((f"  {key}", "; ".join(ratios), f"{v['min_cosine_vs_torch_fp32']:.4f}; "
-                             f"{v['once_per_run_seconds']:.1f}; {v['export_seconds']:.0f}"))
+                             f"{v['once_per_run_seconds']:.1f}; {v['export_seconds']:.0f}; "
+                             f"{v['peak_rss_mb']:.0f}"))
     return rows
 
 
