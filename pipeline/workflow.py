@@ -9,7 +9,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field

@@ -79,6 +79,9 @@ def deadline(seconds: float):
             signal.signal(signal.SIGALRM, previous)
 
 
+PREFETCH = 4  # messages each worker decodes ahead (DataLoader's prefetch_factor)
+
+
 class Decoder(IterableDataset):
     """The decode work of one segment, split between DataLoader workers (worker w of n takes tasks w, w+n, ...):
     parts of batches for per-image sources, whole tar files for tar sources. Memory-maps the records; no worker
@@ -104,7 +107,7 @@ class Decoder(IterableDataset):
         """Start the workers (none: decode in this process); their output, as it arrives."""
         workers = self.workers
         return iter(DataLoader(self, batch_size=None, collate_fn=_as_is, num_workers=workers,
-                               prefetch_factor=4 if workers else None, persistent_workers=False,
+                               prefetch_factor=PREFETCH if workers else None, persistent_workers=False,
                                pin_memory=pin_memory))
 
     # per-image sources ---------------------------------------------------------------------------------------

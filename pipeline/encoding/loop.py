@@ -10,7 +10,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Generator, Iterator
 
 import numpy as np
 import torch
@@ -22,10 +22,10 @@ from ..models import LoadedModel
 from ..progress import Progress
 from ..sources import Source
 from ..stages.execution import Execution
-from .decode import DecodedPart, Decoder, ImageRow, TarEnd, stack
+from .decode import PREFETCH, DecodedPart, Decoder, ImageRow, TarEnd, stack
 from .embeddings import write_chunk
 from .plan import Plan
-from .tuner import WorkerTuner
+from .tuner import Step, Watch, WorkerTuner
 
 log = logging.getLogger(__name__)
 
@@ -50,27 +50,31 @@ def encode_groups(plan: Plan, pending: dict[int, int], pool: ChunkPool, executio
     with Progress("encode images", plan.images(pending), "img", execution.progress,
                   execution.progress_interval) as bar:
         loop.progress = bar
-        segments = tuner.segments(pending, lambda group: plan.batches(group, execution.batch_size),
-                                  execution.batch_size)
-        segment, workers = next(segments, None), tuner.count
+        steps = tuner.segments(pending, lambda group: plan.batches(group, execution.batch_size))
+        step, workers = next(steps, None), tuner.count
         # The first workers start before the warm-up, so that the first batches decode while the model warms up.
-        decoded = decoder(segment, workers).start(pin)
+        decoded = decoder(step, workers).start(pin)
         warm_up(model, execution, preprocessor)
-        while segment is not None:
-            loop.consume(decoded)
-            # from the first image that came: the workers' start-up is paid once per step, not per image
-            started, images, waited = loop.first_arrival
-            tuner.observe(workers, loop.images - images, time.perf_counter() - started,
-                          loop.timing["data_wait_seconds"] - waited)
-            segment, workers = next(segments, None), tuner.count
-            if segment is not None:
-                decoded = decoder(segment, workers).start(pin)
+        while step is not None:
+            resume = loop.consume(decoded, tuner.watch(workers, step, PREFETCH))
+            del decoded  # its workers stop before the next ones start
+            step, workers = _next_step(steps, resume), tuner.count
+            if step is not None:
+                decoded = decoder(step, workers).start(pin)
         loop.finish()
     tuner.report()
     execution.counters["decode_workers"] = tuner.count
     for key, seconds in loop.timing.items():
         execution.counters[key] = execution.counters.get(key, 0.0) + seconds
     return loop.written, loop.images
+
+
+def _next_step(steps: Generator[Step, int | None, None], resume: int | None) -> Step | None:
+    """The next step, after the last one ran to its end (`resume` None) or stopped before batch `resume`."""
+    try:
+        return steps.send(resume)
+    except StopIteration:
+        return None
 
 
 @dataclass
@@ -109,16 +113,15 @@ class BatchLoop:
         self.images = 0
         self.progress: Progress | None = None
         self.in_flight: InFlight | None = None
-        self.first_arrival = (0.0, 0, 0.0)  # (time, images done, data wait) when a step's first message came
 
-    def consume(self, decoded: Iterator[DecodedPart | TarEnd]) -> None:
+    def consume(self, decoded: Iterator[DecodedPart | TarEnd], watch: Watch | None = None) -> int | None:
+        """Every batch of one step through the model; with a `watch` (the worker count being tuned), stops early
+        when it says so and returns the batch of the step's group to resume from (None: the step is done)."""
         clock = time.perf_counter()
-        self.first_arrival = (clock, self.images, self.timing["data_wait_seconds"])
-        arrived = False
         for message in decoded:
             clock = _lap(self.timing, "data_wait_seconds", clock)
-            if not arrived:
-                self.first_arrival, arrived = (clock, self.images, self.timing["data_wait_seconds"]), True
+            if watch is not None:
+                watch.arrived(clock, self.images, self.timing["data_wait_seconds"])
             if isinstance(message, TarEnd):
                 self._tar_read(message)
                 continue
@@ -134,7 +137,16 @@ class BatchLoop:
             self._collect()  # times itself: model (waiting for the results) and chunk writing
             self.in_flight = InFlight(parts[0], rows, launched)
             clock = time.perf_counter()
+            resume = watch.after_batch(clock, self.images, self.timing["data_wait_seconds"],
+                                       parts[0].batch) if watch is not None else None
+            if resume is not None:  # parts come in task order, so no later batch has come whole: none is lost
+                self._collect()
+                self.parts = {slot: got for slot, got in self.parts.items() if slot[0] != message.group}
+                return resume
         self._collect()
+        if watch is not None:
+            watch.finish(time.perf_counter(), self.images, self.timing["data_wait_seconds"])
+        return None
 
     def finish(self) -> None:
         self._collect()

@@ -152,8 +152,12 @@ def test_worker_tuner_grows_while_it_pays_and_falls_back():
     assert tuner.count == 2 and not tuner.settled
     tuner.observe(2, images=100, seconds=2.5, waited=0.8)  # faster, still waiting: one more
     assert tuner.count == 3
-    tuner.observe(3, images=100, seconds=2.6, waited=0.2)  # slower than with 2: back to 2, settled
+    tuner.observe(3, images=100, seconds=3.0, waited=0.2)  # clearly slower than with 2: back to 2, settled
     assert (tuner.count, tuner.settled) == (2, True)
+    noisy = WorkerTuner(start=1, highest=4, fixed=False)
+    noisy.observe(1, images=100, seconds=4.0, waited=2.0)
+    noisy.observe(2, images=100, seconds=4.1, waited=1.0)  # within the noise band: keeps 2, does not go on
+    assert (noisy.count, noisy.settled) == (2, True)
     fixed = WorkerTuner(start=3, highest=8, fixed=True)
     fixed.observe(3, images=100, seconds=9.0, waited=8.0)
     assert fixed.count == 3
@@ -170,21 +174,34 @@ def test_npu_text_tower_runs_eager_with_the_same_results():
     assert np.abs(loaded.encode_text(prompts) - before).max() < 1e-5
 
 
-def test_worker_tuner_steps_by_windows_of_batches_within_a_chunk():
-    """A dataset smaller than a chunk is tuned too: while tuning, each step decodes a window of about 32 images
-    of the group; once settled, the rest of the group goes at once, then many groups per segment; a tar file
-    (batches unknown) is one step."""
+def test_worker_tuner_decides_inside_a_chunk_and_restarts_workers_only_to_change_their_number():
+    """A dataset smaller than a chunk is tuned too: a step is the rest of a group, observed every ~32 images; it
+    stops (at the batch just launched) only when the count changes, and the rest of the group goes to the new
+    workers; once settled, many groups per step; a tar file (batches unknown) is one step, never stopped."""
     from pipeline.encoding.tuner import WorkerTuner
 
     tuner = WorkerTuner(start=1, highest=2, fixed=False)
-    steps = tuner.segments({0: 0, 1: 0, 2: 0}, lambda group: 60, batch_size=8)  # 480 images per group
-    assert next(steps) == ({0: 0}, range(0, 4))
-    tuner.observe(1, images=32, seconds=0.5, waited=0.25)  # waiting on data: a worker more
-    assert next(steps) == ({0: 0}, range(4, 8))
-    tuner.observe(2, images=32, seconds=0.3, waited=0.02)  # paid, and at the most: settled
-    assert tuner.settled and tuner.count == 2
-    assert next(steps) == ({0: 0}, range(8, 60))  # the rest of the first group
-    assert next(steps) == ({1: 0, 2: 0}, None)
+    steps = tuner.segments({0: 0, 1: 0, 2: 0}, lambda group: 60)  # 60 batches in each group
+    step = next(steps)
+    assert step == ({0: 0}, range(0, 60))
+    watch = tuner.watch(1, step, ahead=0)
+    watch.arrived(10.0, images=0, waited=0.0)
+    assert watch.after_batch(10.4, images=24, waited=0.2, batch=3) is None  # under 32 images: no decision yet
+    assert watch.after_batch(11.0, images=32, waited=0.5, batch=4) == 5  # waiting on data: a worker more, stop
+    assert tuner.count == 2
+    step = steps.send(5)
+    assert step == ({0: 0}, range(5, 60))  # the rest of the group, on two workers
+    watch = tuner.watch(2, step, ahead=0)
+    watch.arrived(12.0, images=40, waited=0.5)
+    assert watch.after_batch(12.5, images=72, waited=0.52, batch=9) is None  # it paid, and 2 is the most: settled
+    assert tuner.settled and tuner.count == 2 and tuner.watch(2, step, ahead=0) is None
+    assert steps.send(None) == ({1: 0, 2: 0}, None)  # the step ran to its end; then the rest at once
     assert next(steps, None) is None
-    tars = WorkerTuner(start=1, highest=2, fixed=False).segments({0: 0, 1: 3}, lambda group: None, batch_size=8)
-    assert list(tars) == [({0: 0}, None), ({1: 3}, None)]
+    tars = WorkerTuner(start=1, highest=2, fixed=False)
+    tar_steps = tars.segments({0: 0, 1: 3}, lambda group: None)
+    step = next(tar_steps)
+    watch = tars.watch(1, step, ahead=0)
+    watch.arrived(0.0, images=0, waited=0.0)
+    assert step == ({0: 0}, None) and watch.after_batch(5.0, images=500, waited=4.0, batch=60) is None
+    watch.finish(5.0, images=500, waited=4.0)  # decided at the tar file's end
+    assert tars.count == 2 and tar_steps.send(None) == ({1: 3}, None)
