@@ -13,7 +13,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .engine.files import remove
+from .engine.files import has_exited, owner_tag, remove
 from .engine.store import Store, is_store_url
 from .errors import UserError
 from .sources.remote import EXTRAS, PACKAGES
@@ -21,6 +21,7 @@ from .sources.remote import EXTRAS, PACKAGES
 log = logging.getLogger(__name__)
 
 LAST = "res.json"
+WORKING_COPY = "pipeline-cache-"  # + owner tag: a run's local working copy of a cache in a store
 
 
 @dataclass
@@ -41,7 +42,17 @@ def cache_place(value: str) -> Place:
     if not is_store_url(value):
         return Place(check_writable(Path(value), "cache_dir (CACHE=)"))
     store = _reachable(value, "cache_dir (CACHE=)")
-    return Place(Path(tempfile.mkdtemp(prefix="pipeline-cache-")), store)
+    _sweep_working_copies()
+    return Place(Path(tempfile.mkdtemp(prefix=f"{WORKING_COPY}{owner_tag()}-")), store)
+
+
+def _sweep_working_copies() -> None:
+    """Remove the working copies that killed runs on this host left (an export in one can be gigabytes)."""
+    for leftover in Path(tempfile.gettempdir()).glob(f"{WORKING_COPY}*"):
+        parts = leftover.name[len(WORKING_COPY):].split("-")
+        if len(parts) == 3 and has_exited(f"{parts[0]}-{parts[1]}"):
+            log.info("removing %s, the cache working copy of a run that has exited", leftover)
+            remove(leftover)
 
 
 def output_place(value: str, local_run_dir: str | None) -> Place:

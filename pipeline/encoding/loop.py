@@ -33,8 +33,8 @@ log = logging.getLogger(__name__)
 def encode_groups(plan: Plan, pending: dict[int, int], pool: ChunkPool, execution: Execution, source: Source,
                   params: dict) -> tuple[dict[str, ChunkFile], int]:
     """Encode the pending groups (group -> its first chunk to encode); returns the chunks written (with the index
-    chunks of tar files read to their end) and how many images went through. Each segment gets a fresh set of
-    decode workers, so that their number can follow what the run needs (see `WorkerTuner`)."""
+    chunks of tar files read to their end) and how many images went through. Each step of the tuner gets a
+    fresh set of decode workers, and a step is stopped early only to change their number (see `WorkerTuner`)."""
     export = params.get("export")
     model = execution.models.get(params["model"], params["dtype"], Path(export) if export else None)
     preprocessor = Preprocessor.from_params(params["preprocess"])
