@@ -23,9 +23,9 @@ from typing import Any, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from .engine.store import is_store_url
 from .imaging import DEFAULT_MAX_PIXELS
 from .sources.folder import DEFAULT_EXTENSIONS
+from .sources.remote import is_url
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 RESULT, INPUT, EXECUTION = "result", "input", "execution"
@@ -303,7 +303,7 @@ def translate_flags(argv: list[str]) -> list[str]:
             else:
                 raise SystemExit(f"error: {name} needs a value")
             key, *extra = FLAG_OVERRIDES[name]
-            if name == "--results_save_path" and is_store_url(value):
+            if name == "--results_save_path" and is_url(value):
                 key = "output_dir"  # Hydra's own run folder stays local (its log); the outputs go up there
             out.extend(extra)
             out.append(f"{key}={quote_override_value(value)}")

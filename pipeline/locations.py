@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .engine.files import has_exited, owner_tag, remove
-from .engine.store import Store, is_store_url
+from .engine.store import Store
 from .errors import UserError
-from .sources.remote import EXTRAS, PACKAGES
+from .sources.remote import is_url, missing_plugin
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ class Place:
 
 def cache_place(value: str) -> Place:
     """CACHE=: a folder, or a bucket prefix with a local working copy in a temporary folder of this run."""
-    if not is_store_url(value):
+    if not is_url(value):
         return Place(check_writable(Path(value), "cache_dir (CACHE=)"))
     store = _reachable(value, "cache_dir (CACHE=)")
     _sweep_working_copies()
@@ -57,7 +57,7 @@ def _sweep_working_copies() -> None:
 
 def output_place(value: str, local_run_dir: str | None) -> Place:
     """OUT=: a folder, or a bucket prefix that the run's folder (Hydra's, or a temporary one) is uploaded to."""
-    if not is_store_url(value):
+    if not is_url(value):
         return Place(check_writable(Path(value), "the run directory (OUT=)"))
     store = _reachable(value, "the run directory (OUT=)")
     local = Path(local_run_dir) if local_run_dir else Path(tempfile.mkdtemp(prefix="pipeline-out-"))
@@ -85,12 +85,10 @@ def check_writable(directory: Path, what: str) -> Path:
 
 def _reachable(url: str, what: str) -> Store:
     store = Store(url)
-    kind = EXTRAS.get(store.protocol)
     try:
         store.check()
-    except ImportError:
-        raise UserError(f"{what} {url} needs {PACKAGES.get(kind, 'an fsspec plug-in')}: pip install -e "
-                        f"'.[{kind or 'remote'}]'") from None
+    except ImportError as exc:
+        raise missing_plugin(store.protocol, exc) from None
     except Exception as exc:  # noqa: BLE001 - a store fails in many ways (no bucket, no endpoint, no credentials)
         raise UserError(f"cannot reach {what} {url}: {exc}. Check the bucket name, and the endpoint and "
                         "credentials in the environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...)") from None

@@ -134,12 +134,13 @@ class ChunkPool:
             self.mirrored()[chunk.name] = len(data)
         else:
             self._write_local(chunk, data)
-        if final:
+        if final:  # the provisional chunks of this key are replaced
             provisional = f"{key[:2]}/{key}.", RETRY + SUFFIX
             for stale in [n for n in self.mirrored() if n.startswith(provisional[0]) and n.endswith(provisional[1])]:
                 self._forget(stale)
-            for stale in (self.directory / key[:2]).glob(f"{key}.*{RETRY}{SUFFIX}"):
-                stale.unlink(missing_ok=True)
+            if self.mirror is None:
+                for stale in (self.directory / key[:2]).glob(f"{key}.*{RETRY}{SUFFIX}"):
+                    stale.unlink(missing_ok=True)
         failpoint("chunk.after_write")
         return chunk
 

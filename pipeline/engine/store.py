@@ -41,10 +41,6 @@ _WAIT_LOG_SECONDS = 30.0
 PAGE = 1000
 
 
-def is_store_url(location: str) -> bool:
-    return "://" in str(location) and not str(location).startswith("file://")
-
-
 class Store:
     """Keys (`/`-separated, relative to the URL) on one bucket prefix; picklable (the filesystem is made per
     process, as async filesystems hold an event loop that does not survive a fork)."""

@@ -111,11 +111,16 @@ def _filesystem(protocol: str, options: dict[str, Any], timeout: float):
             return fsspec.filesystem(protocol, **_merge(defaults, options))
         return fsspec.filesystem(protocol, **options)
     except ImportError as exc:
-        extra = kind or protocol
-        raise UserError(f"reading {protocol}:// needs {PACKAGES.get(kind, 'an fsspec plug-in')}: pip install -e "
-                        f"'.[{extra}]' ({exc})") from None
+        raise missing_plugin(protocol, exc) from None
     except ValueError as exc:
         raise UserError(f"no fsspec filesystem for {protocol}:// ({exc})") from None
+
+
+def missing_plugin(protocol: str, exc: ImportError) -> UserError:
+    """The error for a protocol whose fsspec plug-in is not installed, naming the extra that brings it."""
+    kind = EXTRAS.get(protocol)
+    return UserError(f"{protocol}:// needs {PACKAGES.get(kind, 'an fsspec plug-in')}: pip install -e "
+                     f"'.[{kind or protocol}]' ({exc})")
 
 
 def _merge(defaults: dict, options: dict) -> dict:

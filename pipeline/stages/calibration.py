@@ -22,7 +22,7 @@ from .discover import Records
 
 log = logging.getLogger(__name__)
 
-VERSION = 5
+VERSION = 6
 CALIBRATION_FILE = "calibration.npy"
 MIN_IMAGES = 16  # static int8 needs activation ranges from more than a handful of images
 

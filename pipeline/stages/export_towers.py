@@ -11,7 +11,7 @@ from ..engine import Artifact, StageContext
 from ..export import export
 from .calibration import read_calibration
 
-VERSION = 6
+VERSION = 7
 
 
 def export_towers(ctx: StageContext, *, model: str, runtime: str, dtype: str, image_size: list[int],
