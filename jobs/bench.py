@@ -4,9 +4,9 @@
                          [--device cpu|cuda|npu] [--dtype fp32|fp16|bf16] [--repeats 3] [--runtimes-only] [--quick]
 
 Writes bench.json and prints a table with a profile of where our time goes. On a CPU it also measures the
-runtimes (torch, ONNX Runtime, OpenVINO; fp32 and int8) on --runtime-models: `--runtimes-only` measures just
-those, which is how to re-check model.runtime=auto's order on another CPU; `--quick` shrinks everything for a
-smoke test. The benchmark itself is tests/helpers/bench_suite.py.
+runtimes (torch, ONNX Runtime, OpenVINO; fp32, bf16 where the CPU has it, and int8) on --runtime-models:
+`--runtimes-only` measures just those, which is how to re-check model.runtime=auto's order on another CPU;
+`--quick` shrinks everything for a smoke test. The benchmark itself is tests/helpers/bench_suite.py.
 """
 
 import argparse
@@ -30,14 +30,14 @@ def main() -> int:
     ap.add_argument("--dtype", default="fp32", help="fp32, fp16 or bf16 (as device.dtype)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batch", type=int, default=None, help="default: 8 on a CPU, 128 on an accelerator")
-    ap.add_argument("--images-base", type=int, default=96)
+    ap.add_argument("--images-base", type=int, default=64)
     ap.add_argument("--images-large", type=int, default=16)
     ap.add_argument("--hf-images", type=int, default=3)
     ap.add_argument("--datapath-images", type=int, default=480)
     ap.add_argument("--quick", action="store_true", help="tiny models and few images: a smoke test")
     ap.add_argument("--runtime-models", default="chinese-clip-vit-base-patch16,clip-vit-large-patch14",
                     help="real-size models for the CPU runtimes table ('' to skip it)")
-    ap.add_argument("--runtime-images-base", type=int, default=32)
+    ap.add_argument("--runtime-images-base", type=int, default=64)
     ap.add_argument("--runtime-images-large", type=int, default=8)
     ap.add_argument("--runtimes-only", action="store_true", help="measure only the CPU runtimes table")
     args = ap.parse_args()

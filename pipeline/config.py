@@ -49,7 +49,7 @@ class DType(enum.Enum):
     auto = "auto"  # fp32 on a CPU; bf16 on an accelerator that has it, else fp16
     fp32 = "fp32"
     fp16 = "fp16"
-    bf16 = "bf16"
+    bf16 = "bf16"  # on a CPU only where it has bf16 instructions (AVX512-BF16, AMX, Arm BF16): torch or openvino
     int8 = "int8"  # CPU only, vision tower: static (onnxruntime, openvino) or dynamic (torch) int8 quantisation
 
 
@@ -127,7 +127,8 @@ class DeviceConfig:
     type: DeviceType = _key(EXECUTION, DeviceType.auto)
     dtype: DType = _key(RESULT, DType.auto)
     index: Optional[int] = _key(EXECUTION)
-    cpu_half: bool = _key(RESULT, False)  # run fp16/bf16 on a CPU anyway (slow there; for parity checks only)
+    # run fp16 on a CPU anyway, and bf16 on one without bf16 instructions (slow there; for parity checks only)
+    cpu_half: bool = _key(RESULT, False)
 
 
 @dataclass

@@ -121,6 +121,24 @@ def supports_bf16(device_type: str) -> bool:
     return bool(_accelerator(device_type).is_bf16_supported())
 
 
+# CPU flags of a bf16 dot-product instruction: x86's AVX512-BF16 and AMX-BF16, Arm's BF16 (Linux names).
+_NATIVE_BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}
+
+
+def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this CPU multiplies bf16 in hardware. Without it torch emulates bf16 matmuls (5-70x slower than
+    fp32 on AVX2); with it a ViT's matmuls run at twice the fp32 rate or more. False where the flags cannot be
+    read (not Linux): such a CPU keeps fp32."""
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if line.startswith(("flags", "Features")):
+                    return bool(_NATIVE_BF16_FLAGS & set(line.split(":", 1)[1].split()))
+    except OSError:
+        return False
+    return False
+
+
 def default_dtype(device_type: str) -> str:
     """fp32 on a CPU (half precision runs slower there); on an accelerator bf16 where the chip has it (an H100
     or an Ascend 910B does; a V100 or a 910A does not), else fp16."""
@@ -165,9 +183,14 @@ def resolve(device_type: str, dtype: str, index: int | None = None, cpu_half: bo
         raise UserError(f"device.dtype=bf16: this {device_type} device has no bfloat16 support (e.g. a V100, an "
                         "Ascend 910A); use device.dtype=fp16 or auto")
     if device_type == "cpu" and dtype in ("fp16", "bf16") and not cpu_half:
-        # Measured on AVX2 CPUs: fp16/bf16 matmuls run 5-70x slower than fp32, and gain no memory that matters.
-        log.warning("device.dtype=%s on the CPU is slower than fp32 and less precise; using fp32", dtype)
-        dtype = "fp32"
+        if dtype == "bf16" and cpu_has_native_bf16():  # AVX512-BF16 or AMX: see README, Performance
+            log.info("device.dtype=bf16 on a CPU with bf16 instructions (a B/16: 2.0x fp32 per image on torch, "
+                     "3.1x on OpenVINO)")
+        else:
+            # Measured on AVX2 CPUs: fp16/bf16 matmuls run 5-70x slower than fp32, and gain no memory that matters.
+            log.warning("device.dtype=%s on this CPU (no %s instructions) is slower than fp32 and less precise; "
+                        "using fp32", dtype, "bf16" if dtype == "bf16" else "fp16")
+            dtype = "fp32"
     if index is None:
         index = device_index(device_type, local_rank)
     device = torch.device(device_type if index is None or device_type == "cpu" else f"{device_type}:{index}")

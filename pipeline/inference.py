@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 TORCH, ONNXRUNTIME, OPENVINO = "torch", "onnxruntime", "openvino"
 RUNTIMES = (TORCH, ONNXRUNTIME, OPENVINO)
 EXPORTED = (ONNXRUNTIME, OPENVINO)
-EXPORTED_DTYPES = ("fp32", "int8")
+EXPORTED_DTYPES = {ONNXRUNTIME: ("fp32", "int8"), OPENVINO: ("fp32", "bf16", "int8")}
 _MODULES = {ONNXRUNTIME: "onnxruntime", OPENVINO: "openvino"}
 _EXTRAS = {ONNXRUNTIME: "onnx", OPENVINO: "openvino"}
 TOWERS_FILE = "towers.json"  # in an export: which runtime, its files, the input names, and the model's scores
@@ -47,9 +47,10 @@ def resolve_runtime(requested: str, device_type: str, dtype: str, exportable: bo
     if device_type != "cpu":
         raise UserError(f"model.runtime={requested} runs on the CPU; this run's device is {device_type}: use "
                         "model.runtime=torch (or auto) there")
-    if dtype not in EXPORTED_DTYPES:
-        raise UserError(f"model.runtime={requested} runs fp32 or int8, not {dtype}: set device.dtype=fp32 or int8, "
-                        "or model.runtime=torch")
+    if dtype not in EXPORTED_DTYPES[requested]:
+        wanted = " or ".join(EXPORTED_DTYPES[requested])
+        raise UserError(f"model.runtime={requested} runs {wanted}, not {dtype}: set device.dtype to one of them, or "
+                        "model.runtime=torch" + (" (or openvino, for bf16)" if dtype == "bf16" else ""))
     if not exportable:
         raise UserError(f"model.runtime={requested}: a {family} model's image inputs (variable patch counts and "
                         "their shapes) do not export to a fixed graph; use model.runtime=torch")
@@ -82,16 +83,20 @@ class TorchTowers:
 class ExportedTowers:
     """The towers of an export (ONNX Runtime or OpenVINO) on the CPU; inputs and outputs as torch tensors."""
 
-    def __init__(self, runtime: str, folder: Path, files: dict, names: dict, threads: int) -> None:
+    def __init__(self, runtime: str, folder: Path, files: dict, names: dict, threads: int, bf16: bool) -> None:
         self.runtime = runtime
         self.names = names  # tower -> its input names, in the exported order
-        load = _onnxruntime_session if runtime == ONNXRUNTIME else _openvino_model
-        self._run = {tower: load(folder / file, threads) for tower, file in files.items()}
+        if runtime == ONNXRUNTIME:
+            self._run = {tower: _onnxruntime_session(folder / file, threads) for tower, file in files.items()}
+        else:
+            self._run = {tower: _openvino_model(folder / file, threads, bf16) for tower, file in files.items()}
 
     @classmethod
-    def load(cls, folder: Path, threads: int | None = None) -> "ExportedTowers":
+    def load(cls, folder: Path, dtype: str, threads: int | None = None) -> "ExportedTowers":
+        """`dtype`: the run's; bf16 runs an fp32 export in bf16 (OpenVINO converts it as it compiles)."""
         manifest = json.loads((folder / TOWERS_FILE).read_text(encoding="utf-8"))
-        return cls(manifest["runtime"], folder, manifest["files"], manifest["inputs"], threads or cpu_threads())
+        return cls(manifest["runtime"], folder, manifest["files"], manifest["inputs"], threads or cpu_threads(),
+                   dtype == "bf16")
 
     def image(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         return self._call("image", inputs)
@@ -124,13 +129,14 @@ def _onnxruntime_session(path: Path, threads: int):
     return lambda feeds: session.run(None, feeds)[0]
 
 
-def _openvino_model(path: Path, threads: int):
+def _openvino_model(path: Path, threads: int, bf16: bool):
     import openvino as ov
 
-    # f32 unless the export is int8: on CPUs with AVX512-BF16 or AMX OpenVINO would otherwise run fp32 models in
-    # bf16, which changes results; LATENCY: one stream over all threads, as each batch is one synchronous call.
+    # f32 unless the run asks for bf16: on CPUs with AVX512-BF16 or AMX OpenVINO would otherwise run fp32 models in
+    # bf16 on its own, which changes results. An int8 export runs its quantised layers in int8 either way.
+    # LATENCY: one stream over all threads, as each batch is one synchronous call.
     with own_signal_stack():
-        compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32",
+        compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32",
                                                               "INFERENCE_NUM_THREADS": threads,
                                                               "PERFORMANCE_HINT": "LATENCY"})
     request = compiled.create_infer_request()

@@ -26,7 +26,7 @@ from .engine.files import FileDigests, sha256_json
 from .errors import UserError
 from .families import FAMILIES, HF, MULTILINGUAL_VOCABULARY, Family, canonical_text
 from .imaging import Preprocessor
-from .inference import ExportedTowers, TorchTowers, read_scores
+from .inference import TORCH, ExportedTowers, TorchTowers, read_scores
 
 log = logging.getLogger(__name__)
 # transformers imports torchao (int8 on torch) when it is installed, whose import logs kernels it cannot load on
@@ -144,9 +144,9 @@ class LoadedModel:
             self.towers = TorchTowers(_load_torch_model(info, choice, compile))
             self.logit_scale, self.logit_bias = scores_of(info, self.towers.model)
         else:  # an export by the export_towers stage: no torch weights are loaded
-            self.towers = ExportedTowers.load(export)
+            self.towers = ExportedTowers.load(export, choice.dtype_name)
             self.logit_scale, self.logit_bias = read_scores(export)
-            log.info("towers run on %s (%s export in %s)", self.towers.runtime, choice.dtype_name, export)
+            log.info("towers run on %s in %s (export in %s)", self.towers.runtime, choice.dtype_name, export)
         self.compiled = compile
         self.tokenizer = AutoTokenizer.from_pretrained(info.path, local_files_only=True)
         self.preprocessor = preprocessor_of(info)  # the reference (CPU) preprocessing, for callers outside runs
@@ -200,7 +200,8 @@ class LoadedModel:
         # Copy first, cast on the device: the host never converts into a temporary that a non-blocking copy might
         # read after it is freed (torch_npu does so for a cast inside the copy).
         moved = {key: value.to(self.choice.device, non_blocking=True) for key, value in inputs.items()}
-        moved["pixel_values"] = moved["pixel_values"].to(self.choice.dtype)
+        if self.towers.runtime == TORCH:  # an export takes fp32 pixels and casts inside (bf16 on OpenVINO)
+            moved["pixel_values"] = moved["pixel_values"].to(self.choice.dtype)
         features = self.towers.image(moved).float()
         features = features / features.norm(p=2, dim=-1, keepdim=True)
         return Embeddings.of(features)

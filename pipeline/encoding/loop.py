@@ -38,7 +38,7 @@ def encode_groups(plan: Plan, pending: dict[int, int], pool: ChunkPool, executio
     export = params.get("export")
     model = execution.models.get(params["model"], params["dtype"], Path(export) if export else None)
     preprocessor = Preprocessor.from_params(params["preprocess"])
-    tuner = WorkerTuner(execution.num_workers, execution.max_workers, execution.workers_fixed)
+    tuner = WorkerTuner(execution.num_workers, execution.max_workers, execution.workers_fixed, execution.min_workers)
     loop = BatchLoop(plan, pool, model, preprocessor, execution)
 
     def decoder(step: tuple[dict[int, int], range | None], workers: int) -> Decoder:

@@ -21,11 +21,13 @@ Step = tuple[dict[int, int], "range | None"]  # groups (group -> its first chunk
 class WorkerTuner:
     """The number of decode workers: it grows while the model waits for data (up to `highest`: the cores, less
     one for the thread that drives an accelerator) as long as each step pays, and falls back when more workers
-    slow the run down (on a CPU, decoders and the model share the cores). A count set in the config
+    slow the run down (on a CPU, decoders and the model share the cores); a run that starts above `lowest` goes
+    down to it when the model did not wait for data in the first observation. A count set in the config
     (`encode.num_workers`) stays as set."""
 
-    def __init__(self, start: int, highest: int, fixed: bool) -> None:
+    def __init__(self, start: int, highest: int, fixed: bool, lowest: int | None = None) -> None:
         self.count, self.highest, self.fixed = start, max(start, highest), fixed
+        self.lowest = min(start, lowest or start)  # where to go when the model never waited at the start
         self.rates: dict[int, float] = {}
         self.settled = fixed
 
@@ -39,6 +41,9 @@ class WorkerTuner:
             self.count, self.settled = workers - 1, True
         elif before is not None and rate < before * GAIN:  # it did not clearly pay: stay
             self.settled = True
+        elif before is None and workers > self.lowest and waited / seconds <= WAITING:
+            # the model never waited: decoders beyond the fewest only take cores from it
+            self.count, self.settled = self.lowest, True
         elif waited / seconds > WAITING and workers < self.highest:
             self.count = workers + 1
         else:

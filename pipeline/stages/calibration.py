@@ -22,7 +22,7 @@ from .discover import Records
 
 log = logging.getLogger(__name__)
 
-VERSION = 6
+VERSION = 8
 CALIBRATION_FILE = "calibration.npy"
 MIN_IMAGES = 16  # static int8 needs activation ranges from more than a handful of images
 

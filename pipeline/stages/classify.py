@@ -35,7 +35,7 @@ from .truth import truth_walk
 
 log = logging.getLogger(__name__)
 
-VERSION = 10
+VERSION = 12
 COUNTS_FILE = "counts.json"
 OUTPUT_FILES = ("predictions.parquet", "errors.parquet", "review.parquet", "res.json")
 # Only written when asked for (embeddings=true), when the truth is known, or when examples made a classifier.

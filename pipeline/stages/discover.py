@@ -24,7 +24,7 @@ from ..sources import RECORDS_SCHEMA
 
 log = logging.getLogger(__name__)
 
-VERSION = 10
+VERSION = 12
 RECORDS_FILE = "records.arrow"
 
 

@@ -23,7 +23,7 @@ from .discover import RECORDS_FILE, Records
 
 log = logging.getLogger(__name__)
 
-VERSION = 4
+VERSION = 6
 EXAMPLES_FILE = "examples.parquet"
 EXAMPLES_SCHEMA = pa.schema([("path", pa.string()), ("labels", pa.list_(pa.int32())), ("in_dataset", pa.bool_())])
 

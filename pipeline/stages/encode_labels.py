@@ -17,7 +17,7 @@ from ..engine.files import write_json
 
 log = logging.getLogger(__name__)
 
-VERSION = 8
+VERSION = 10
 EMBEDDINGS_FILE = "label_embeddings.npy"
 SCALE_FILE = "scale.json"
 

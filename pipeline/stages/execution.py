@@ -33,6 +33,7 @@ class Execution:
     batch_size: int  # images per forward pass
     num_workers: int  # decode workers to start with
     max_workers: int  # ... and at most (the tuner grows the count while it pays)
+    min_workers: int  # ... and at the first observation, when the model never waited for data
     workers_fixed: bool  # encode.num_workers was set: no tuning
     chunk_size: int  # mean images per checkpoint chunk: what a crash can cost
     timeout: float  # seconds per image; longer is a transient error, tried again by the next run

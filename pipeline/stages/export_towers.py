@@ -1,4 +1,5 @@
-"""Stage `export_towers`: the model's towers exported for ONNX Runtime or OpenVINO, in fp32 or int8.
+"""Stage `export_towers`: the model's towers exported for ONNX Runtime or OpenVINO, in fp32 or int8 (a bf16 run
+uses the fp32 export: OpenVINO converts it to bf16 as it compiles it).
 
 Cached like every stage: keyed by the model's content fingerprint, the runtime and the dtype (and, for int8, by
 the calibration images' fingerprint), written into a temporary directory and sealed atomically. The stages that
@@ -11,7 +12,7 @@ from ..engine import Artifact, StageContext
 from ..export import export
 from .calibration import read_calibration
 
-VERSION = 7
+VERSION = 9
 
 
 def export_towers(ctx: StageContext, *, model: str, runtime: str, dtype: str, image_size: list[int],

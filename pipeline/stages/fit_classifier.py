@@ -33,7 +33,7 @@ from .encode_labels import read_label_embeddings
 
 log = logging.getLogger(__name__)
 
-VERSION = 5
+VERSION = 7
 HEAD_FILE = "classifier.npz"
 CHOICE_FILE = "classifier.json"
 FAILED_FILE = "example_errors.parquet"

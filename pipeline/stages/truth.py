@@ -14,7 +14,7 @@ from .discover import Records, display_path
 
 log = logging.getLogger(__name__)
 
-VERSION = 10
+VERSION = 12
 TRUTH_FILE = "truth.parquet"
 
 

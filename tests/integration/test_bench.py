@@ -5,6 +5,7 @@ import sys
 
 import pytest
 
+from pipeline.devices import cpu_has_native_bf16
 from tests.helpers import ROOT, run
 
 
@@ -30,14 +31,16 @@ def test_bench_quick_reports_all_ratios(tmp_path):
     assert 0 <= report["draft"]["clip"]["top1_agreement"] <= 1
     runtimes = report["runtimes"]["chinese-clip-vit-base-patch16"]
     threshold = "torch fp32 (mmap threshold 1 MB)"  # the allocator setting's before/after, for torch
+    bf16 = ["torch bf16", "openvino bf16"] if cpu_has_native_bf16() else []  # bf16 only where the CPU has it
     assert sorted(k for k in runtimes if " " in k) == sorted([f"{r} {d}" for r in ("torch", "onnxruntime", "openvino")
-                                                              for d in ("fp32", "int8")] + [threshold])
+                                                              for d in ("fp32", "int8")] + [threshold, *bf16])
     for key, variant in runtimes.items():
         if " " in key:
             assert variant["e2e_img_per_s"] > 0 and variant["tower_img_per_s"] > 0, key
             assert variant["min_cosine_vs_torch_fp32"] > (0.999999 if "fp32" in key else 0.99), key
             assert 100 < variant["peak_rss_mb"] < 8000, key
     assert runtimes["openvino int8"]["export_seconds"] > 0
-    for line in ("CPU runtimes", "onnxruntime int8", "ours / ceiling", "where ours' time goes", "ours / HF pipeline, 10 labels", "ceiling / hardware limit",
+    assert 0 < model["bound_img_per_s"] < min(model["ceiling_img_per_s"], model["decode_all_core_img_per_s"])
+    for line in ("CPU runtimes", "onnxruntime int8", "ours / ceiling", "ours / bound", "where ours' time goes", "ours / HF pipeline, 10 labels", "ceiling / hardware limit",
                  "data path"):
         assert line in proc.stdout

@@ -20,6 +20,7 @@ import pandas as pd
 import pytest
 import torch
 
+from pipeline.devices import cpu_has_native_bf16
 from pipeline.outputs.writers import read_metadata
 from tests.helpers import ENV, ROOT, SAMPLE_IMAGES, TINY_CHINESE_CLIP, TINY_CLIP, write_shards
 from tests.helpers.servers import s3_server
@@ -206,11 +207,12 @@ def _check(command: str, proc, ws: Path) -> None:
         assert re.search(r"stage encode_images +(reused|resumed)", log)
         assert not re.search(r"encoded [1-9]\d* images", log)
         _all_labelled(_newest_run(ws), LABELS)
-    elif "RUNTIME=onnxruntime DTYPE=int8" in command:
+    elif "RUNTIME=openvino DTYPE=bf16" in command:
         run_dir = _newest_run(ws)
         _all_labelled(run_dir, ["cat", "dog"])
-        assert read_metadata(run_dir / "predictions.parquet")["config"]["runtime"] == "onnxruntime"
-        assert "towers run on onnxruntime (int8 export" in log
+        config = read_metadata(run_dir / "predictions.parquet")["config"]
+        dtype = "bf16" if cpu_has_native_bf16() else "fp32"  # bf16 falls back where the CPU lacks it
+        assert config["runtime"] == "openvino" and config["dtype"] == dtype and f"towers run on openvino in {dtype}" in log
     elif "EXAMPLES=reviewed.csv" in command:
         run_dir = _newest_run(ws)
         _all_labelled(run_dir, LABELS)

@@ -62,7 +62,7 @@ CHANGES = {
     "dataset.truth_column": Change("color"),
     "dataset.truth_member": Change("txt"),
     "device.dtype": Change("int8"),
-    "device.cpu_half": Change("true", ("device.dtype=bf16",)),
+    "device.cpu_half": Change("true", ("device.dtype=fp16",)),
     "preprocess.backend": Change("device"),
     "preprocess.draft": Change("true"),
     "preprocess.max_pixels": Change("1200000"),

@@ -42,6 +42,29 @@ def test_dtype_follows_what_the_chip_supports(monkeypatch):
     assert devices.resolve("cpu", "auto").dtype_name == "fp32"
 
 
+@pytest.mark.parametrize("line,native", [
+    ("flags\t\t: fpu sse2 avx2 fma avx512f avx512_vnni", False),  # Cascade Lake: VNNI, no BF16
+    ("flags\t\t: fpu avx2 avx512f avx512_vnni avx512_bf16", True),  # Cooper Lake, Zen 4
+    ("flags\t\t: fpu avx512f amx_bf16 amx_tile amx_int8", True),  # Sapphire Rapids
+    ("Features\t: fp asimd sve bf16 i8mm", True),  # Graviton 3, Neoverse V1
+])
+def test_cpu_bf16_instructions_are_read_from_the_flags(tmp_path, line, native):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nmodel name\t: some cpu\n{line}\n", encoding="utf-8")
+    assert devices.cpu_has_native_bf16(str(cpuinfo)) is native
+    assert devices.cpu_has_native_bf16(str(tmp_path / "absent")) is False
+
+
+def test_cpu_bf16_runs_where_the_cpu_has_it_and_falls_back_elsewhere(monkeypatch, caplog):
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: True)
+    assert devices.resolve("cpu", "bf16").dtype_name == "bf16"
+    assert devices.resolve("cpu", "fp16").dtype_name == "fp32"  # fp16 has no fast CPU kernels here
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: False)
+    assert devices.resolve("cpu", "bf16").dtype_name == "fp32"
+    assert "no bf16 instructions) is slower than fp32" in caplog.text
+    assert devices.resolve("cpu", "bf16", cpu_half=True).dtype_name == "bf16"  # parity checks run it anyway
+
+
 def test_a_gpu_torch_cannot_use_is_reported(monkeypatch, caplog):
     import os
 
@@ -131,9 +154,10 @@ def test_padded_batches_give_the_same_results(compose, monkeypatch):
 
 
 @pytest.mark.parametrize("local_world,cpus,accelerator,expected", [
-    ("4", 16, True, (3, 3)),  # 4 ranks on 16 cores: 4 each, one kept for the thread driving the device
-    ("1", 64, True, (16, 63)),
-    ("1", 2, False, (1, 2)),  # on a CPU: start at half the cores, grow while it pays
+    ("4", 16, True, (3, 3, 3)),  # 4 ranks on 16 cores: 4 each, one kept for the thread driving the device
+    ("1", 64, True, (16, 63, 16)),
+    ("1", 2, False, (2, 2, 1)),  # on a CPU: start at all cores, half when the model never waits
+    ("2", 16, False, (8, 8, 4)),
 ])
 def test_worker_counts_per_rank(monkeypatch, local_world, cpus, accelerator, expected):
     from pipeline import workflow
@@ -161,6 +185,20 @@ def test_worker_tuner_grows_while_it_pays_and_falls_back():
     fixed = WorkerTuner(start=3, highest=8, fixed=True)
     fixed.observe(3, images=100, seconds=9.0, waited=8.0)
     assert fixed.count == 3
+
+
+def test_worker_tuner_on_a_cpu_starts_at_every_core_and_halves_for_a_model_that_never_waits():
+    from pipeline.encoding.tuner import WorkerTuner
+
+    heavy = WorkerTuner(start=4, highest=4, fixed=False, lowest=2)
+    heavy.observe(4, images=64, seconds=10.0, waited=0.1)  # the model never waited: the decoders are ahead
+    assert (heavy.count, heavy.settled) == (2, True)
+    cheap = WorkerTuner(start=4, highest=4, fixed=False, lowest=2)
+    cheap.observe(4, images=64, seconds=1.0, waited=0.6)  # the decoders are the bottleneck: keep them all
+    assert (cheap.count, cheap.settled) == (4, True)
+    accelerator = WorkerTuner(start=15, highest=15, fixed=False, lowest=15)  # next to a device: never fewer
+    accelerator.observe(15, images=640, seconds=2.0, waited=0.0)
+    assert accelerator.count == 15
 
 
 def test_npu_text_tower_runs_eager_with_the_same_results():

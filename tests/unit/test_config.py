@@ -68,7 +68,7 @@ ALTERNATIVES = {
     "dataset.storage_options": ([], "{anon:true}"), "dataset.retries": ([], "1"), "dataset.io_timeout": ([], "5"),
     "dataset.listing": ([], "job-7"),
     "device.type": ([], "auto"), "device.dtype": ([], "int8"), "device.index": ([], "0"),
-    "device.cpu_half": (["device.dtype=bf16", "model.runtime=torch"], "true"),
+    "device.cpu_half": (["device.dtype=fp16", "model.runtime=torch"], "true"),
     "encode.batch_size": ([], "3"), "encode.num_workers": ([], "2"), "encode.chunk_size": ([], "7"),
     "encode.warmup_image": ([], str(SAMPLE_IMAGE)), "encode.compile": ([], "true"),
     "preprocess.draft": ([], "true"), "preprocess.backend": ([], "device"), "preprocess.max_pixels": ([], "1000"), "preprocess.timeout": ([], "5"),
