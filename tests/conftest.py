@@ -25,7 +25,11 @@ def compose(tmp_path):
 # module splits its tests into classes. Scopes are handed out in collection order, so the long ones go first:
 # started last, they would finish last while the other process idles.
 HEAVY_FIRST = ("test_readme", "test_kill", "test_ray", "test_bench", "test_warm_cache", "test_runtimes", "test_cli",
-               "test_memory", "test_evaluation", "test_parity", "test_distributed", "test_families", "test_examples")
+               "test_memory", "test_evaluation", "test_parity", "test_distributed", "test_families", "test_examples",
+               # reliability/ is collected after integration/: left in collection order, these 30-50 s modules
+               # ran last, one process busy and the other idle
+               "test_hostile_inputs", "test_concurrency_and_disk", "test_object_store", "test_install",
+               "test_fixture_models", "test_device_preprocessing", "test_sources")
 
 
 def _rank(item) -> int:
