@@ -66,11 +66,12 @@ class WorkerTuner:
                 continue
             group = groups[at]
             total = batches_of(group)
-            resume = 0 if total is not None else None
-            if resume is None:
+            if total is None:
                 yield {group: pending[group]}, None
-            while resume is not None and resume < total:
-                resume = yield {group: pending[group]}, range(resume, total)
+            else:
+                resume = 0
+                while resume is not None and resume < total:  # None: the step ran to its end
+                    resume = yield {group: pending[group]}, range(resume, total)
             at += 1
 
     def watch(self, workers: int, step: Step, ahead: int) -> "Watch | None":
@@ -88,9 +89,9 @@ class WorkerTuner:
 class Watch:
     """Observes a tuning step as its batches come: after about WINDOW_IMAGES images (timed from the first that
     came after those decoded ahead, so that neither the workers' start-up nor their head start counts) the tuner
-    decides; when it changes the count the
-    step stops at the batch just launched, and the rest of the group goes to a fresh set of workers. A step that
-    keeps its count runs on: workers are restarted only to change their number."""
+    decides; when it changes the count the step stops at the batch just launched, and the rest of the group goes
+    to a fresh set of workers. A step that keeps its count runs on: workers are restarted only to change their
+    number."""
 
     def __init__(self, tuner: WorkerTuner, workers: int, stoppable: bool, skip: int = 0) -> None:
         self.tuner, self.workers = tuner, workers

@@ -22,7 +22,7 @@ from .execution import Execution
 
 log = logging.getLogger(__name__)
 
-VERSION = 12
+VERSION = 13
 
 
 def encode_images(ctx: StageContext, *, records: Artifact, source: dict, model: str, dtype: str, preprocess: dict,
